@@ -29,8 +29,8 @@ def build_hf_model(
 ):
     """Build a random-weight HF model and example inputs.
 
-    Returns ``(model, example_inputs)``; the model is in eval mode, fp32, and returns plain
-    tensors via ``return_dict=False`` (logits first).
+    Returns ``(model, example_inputs)``; the model is in eval mode, fp32, ``use_cache=False``,
+    and returns its usual HF output object (``logits`` or ``last_hidden_state`` first).
     """
     import torch
     import transformers as tf
@@ -39,7 +39,8 @@ def build_hf_model(
     common = dict(attn_implementation=attn_implementation)
     if name == "gpt2":
         cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab,
-                            n_positions=max(seq_len, 128), **common)
+                            n_positions=max(seq_len, 128), bos_token_id=vocab - 1,
+                            eos_token_id=vocab - 1, **common)
         model = tf.GPT2LMHeadModel(cfg)
     elif name == "llama":
         cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2,
@@ -67,7 +68,6 @@ def build_hf_model(
     else:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {BUILTIN_MODELS} "
                          "or pass 'package.module:factory'")
-    model.config.return_dict = False
     model.config.use_cache = False
     model.eval()
     g = torch.Generator().manual_seed(seed + 1)
