@@ -1,3 +1,50 @@
-"""attnforge: TVM passes and schedules that make transformer attention fast."""
+"""attnforge: TVM passes and schedules that make transformer attention fast.
+
+``compile_model`` needs torch; ``load`` and the runtime do not (deployment boxes).
+"""
 
 __version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ArtifactError,
+    AttnforgeError,
+    InputError,
+    TargetError,
+    VerificationError,
+)
+
+
+def compile_model(model, example_inputs, **kwargs):
+    """Compile a PyTorch model; see :func:`attnforge.compiler.compile_model`."""
+    from .compiler import compile_model as _compile
+
+    return _compile(model, example_inputs, **kwargs)
+
+
+def load(path: str, device: str | None = None):
+    """Load an exported artifact; see :func:`attnforge.artifact.load_artifact`."""
+    from .artifact import load_artifact
+
+    return load_artifact(path, device=device)
+
+
+def __getattr__(name):
+    # Frontend errors live in attnforge.frontends (the API package sits above it).
+    if name in ("FrontendError", "UnsupportedOpError"):
+        from .frontends import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'attnforge' has no attribute {name!r}")
+
+
+__all__ = [
+    "FrontendError",
+    "UnsupportedOpError",
+    "compile_model",
+    "load",
+    "AttnforgeError",
+    "ArtifactError",
+    "InputError",
+    "TargetError",
+    "VerificationError",
+]

@@ -1,0 +1,100 @@
+"""compile_model end to end on small modules: outputs, structure, report, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import attnforge
+from attnforge.errors import InputError, VerificationError
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.lin(x).relu(), x * 2.0
+
+
+def test_tuple_model_returns_same_structure_as_eager():
+    model = TwoOutputs().eval()
+    x = torch.randn(3, 16)
+    cm = attnforge.compile_model(model, (x,))
+    x2 = torch.randn(3, 16)
+    got = cm(x2)
+    ref = model(x2)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g, r in zip(got, ref):
+        assert isinstance(g, torch.Tensor)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    v = cm.report["verification"]
+    assert v["passed"] and v["max_rel_err"] < 1e-4 and v["rtol"] == 1e-4
+    assert v["ran_on"].startswith("llvm")
+
+
+def test_numpy_in_numpy_out():
+    model = TwoOutputs().eval()
+    x = torch.randn(3, 16)
+    cm = attnforge.compile_model(model, (x,))
+    got = cm(x.numpy())
+    assert isinstance(got[0], np.ndarray)
+    np.testing.assert_allclose(got[0], model(x)[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_model_output_structure_and_report(tiny_gpt2, compiled_gpt2):
+    model, (ids,) = tiny_gpt2
+    out = compiled_gpt2(ids)
+    with torch.no_grad():
+        ref = model(ids)
+    assert type(out).__name__ == type(ref).__name__
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    rep = compiled_gpt2.report
+    assert rep["verification"]["passed"]
+    assert len(rep["attention"]) == 2
+    for site in rep["attention"]:
+        assert site["lowered_to"] == "attnforge.fused_attention_cpu"
+        assert "causal" in site["mask"]
+        assert site["source"] and "h." in site["source"]
+        assert 0.4 < site["visited_fraction"] < 0.8
+
+
+def test_call_time_input_errors(compiled_gpt2):
+    with pytest.raises(InputError, match="shape"):
+        compiled_gpt2(torch.zeros(1, 48, dtype=torch.int64))
+    with pytest.raises(InputError, match="dtype"):
+        compiled_gpt2(torch.zeros(2, 48, dtype=torch.int32))
+    with pytest.raises(InputError, match="expected 1 input"):
+        compiled_gpt2()
+    with pytest.raises(InputError, match="torch.Tensor or numpy"):
+        compiled_gpt2([[1, 2]])
+
+
+def test_verification_failure_raises_with_numbers(tiny_gpt2):
+    model, inputs = tiny_gpt2
+    with pytest.raises(VerificationError, match=r"max rel\. error .* \(tolerance 1e-15\)") as e:
+        attnforge.compile_model(model, inputs, rtol=1e-15)
+    assert e.value.verification["first_mismatch"] == "logits"
+
+
+def test_unsupported_op_names_the_aten_op():
+    class Bessel(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.bessel_j0(x) + 1
+
+    with pytest.raises(attnforge.UnsupportedOpError, match="bessel_j0"):
+        attnforge.compile_model(Bessel(), (torch.randn(4),))
+
+
+def test_cuda_target_without_gpu_verifies_cpu_twin_and_says_so():
+    from attnforge.target import gpu_arch
+
+    model = TwoOutputs().eval()
+    cm = attnforge.compile_model(model, (torch.randn(3, 16),), target="cuda:sm_90")
+    v = cm.report["verification"]
+    assert v["passed"]
+    if gpu_arch() is None:
+        assert v["gpu_kernels_run"] is False
+        assert "NOT run" in v["note"] and v["ran_on"].startswith("llvm")
+        with pytest.raises(RuntimeError, match="no GPU"):
+            cm(torch.randn(3, 16))
