@@ -21,11 +21,11 @@ def compile_model(model, example_inputs, **kwargs):
     return _compile(model, example_inputs, **kwargs)
 
 
-def load(path: str, device: str | None = None):
+def load(path: str, device: str | None = None, allow_source_fallback: bool = False):
     """Load an exported artifact; see :func:`attnforge.artifact.load_artifact`."""
     from .artifact import load_artifact
 
-    return load_artifact(path, device=device)
+    return load_artifact(path, device=device, allow_source_fallback=allow_source_fallback)
 
 
 def __getattr__(name):

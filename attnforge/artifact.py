@@ -6,6 +6,8 @@ An artifact is a directory::
       lib.so          TVM library (Relax VM executable + kernels), built by export_library
       manifest.json   format, versions, target, input/output signature, the compile report,
                       and the sha256 of every other file
+      cuda_bin/       (CUDA targets) nvcc-built fatbins of every kernel source, per arch,
+                      so the deployment box needs neither nvcc nor NVRTC (attnforge.cuda_aot)
 
 Writing is atomic (a temporary directory renamed into place), so a crash never leaves a
 half-written artifact or destroys the previous one at that path.  Loading verifies every
@@ -31,6 +33,7 @@ from .target import gpu_arch, host_target
 FORMAT = "attnforge-artifact/1"
 LIB = "lib.so"
 MANIFEST = "manifest.json"
+CUDA_BIN = "cuda_bin"
 # ISA feature prefixes compared between the artifact's CPU target and this host.
 _ISA_PREFIXES = ("sse", "avx", "fma", "f16c", "bmi", "amx", "vnni", "popcnt")
 
@@ -61,8 +64,32 @@ def _versions() -> dict:
     return v
 
 
-def export_artifact(cm: CompiledModel, path: str) -> str:
-    """Write ``cm`` to the directory ``path`` atomically; returns the path."""
+def _write_gpu_binaries(cm: CompiledModel, tmp: Path, archs) -> dict | None:
+    """Build (or copy, for a loaded artifact) the AOT fatbins; returns the manifest entry."""
+    if cm.target.kind.name != "cuda":
+        return None
+    from . import cuda_aot
+
+    if cm.artifact_path is not None:
+        src = Path(cm.artifact_path) / CUDA_BIN
+        if not src.is_dir():
+            return None
+        shutil.copytree(src, tmp / CUDA_BIN)
+        bins = cuda_aot.load_binaries(tmp / CUDA_BIN)
+    else:
+        archs = tuple(archs or (cm.target.attrs["arch"],))
+        bins = cuda_aot.build_gpu_binaries(cm.executable, archs)
+        cuda_aot.save_binaries(bins, tmp / CUDA_BIN)
+    found = sorted({a for per_arch in bins.values() for a in per_arch})
+    return {"dir": CUDA_BIN, "archs": found, "kernels_sources": len(bins)}
+
+
+def export_artifact(cm: CompiledModel, path: str, gpu_archs=None) -> str:
+    """Write ``cm`` to the directory ``path`` atomically; returns the path.
+
+    For CUDA targets ``gpu_archs`` (default: the target's arch) selects the archs whose
+    binaries are built with nvcc and stored beside the library.
+    """
     dest = Path(path)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -73,6 +100,9 @@ def export_artifact(cm: CompiledModel, path: str) -> str:
             shutil.copy2(Path(cm.artifact_path) / LIB, tmp / LIB)
         else:
             cm.executable.export_library(str(tmp / LIB))
+        cuda_bins = _write_gpu_binaries(cm, tmp, gpu_archs)
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}
         host = cm.target.host if cm.target.kind.name == "cuda" else cm.target
         manifest = {
             "format": FORMAT,
@@ -84,7 +114,8 @@ def export_artifact(cm: CompiledModel, path: str) -> str:
             "inputs": cm.input_specs,
             "outputs": cm.output_desc,
             "report": cm.report,
-            "files": {LIB: _sha256(tmp / LIB)},
+            "cuda_binaries": cuda_bins,
+            "files": files,
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, default=str)
@@ -141,9 +172,12 @@ def _check_fits(manifest: dict, device: str, path: str) -> None:
         if arch is None:
             raise ArtifactError(f"{path} needs a CUDA GPU ({target.get('arch')}) and none is "
                                 "visible here")
-        if arch != target.get("arch"):
-            raise ArtifactError(f"{path} was built for {target.get('arch')} but this GPU is "
-                                f"{arch}; compile with target='cuda:{arch}'")
+        bins = manifest.get("cuda_binaries") or {}
+        archs = bins.get("archs") or [target.get("arch")]
+        if arch not in archs:
+            raise ArtifactError(f"{path} holds GPU code for {archs} but this GPU is {arch}; "
+                                f"export with gpu_archs including '{arch}' or compile with "
+                                f"target='cuda:{arch}'")
         return
     if kind != "llvm":
         raise ArtifactError(f"{path} was built for {manifest.get('target_tag')}; load it with "
@@ -154,10 +188,13 @@ def _check_fits(manifest: dict, device: str, path: str) -> None:
                             f"{sorted(missing)}, which this CPU lacks; recompile here")
 
 
-def load_artifact(path: str, device: str | None = None) -> CompiledModel:
+def load_artifact(path: str, device: str | None = None,
+                  allow_source_fallback: bool = False) -> CompiledModel:
     """Load an exported artifact after verifying checksums and target fit.
 
     ``device``: ``"cpu"`` or ``"cuda"`` (default: the artifact's own target kind).
+    ``allow_source_fallback``: for CUDA artifacts, compile kernel sources on this machine
+    (nvcc/NVRTC) when no stored binary fits, instead of failing.
     """
     manifest = read_manifest(path)
     kind = manifest["target"].get("kind")
@@ -165,6 +202,12 @@ def load_artifact(path: str, device: str | None = None) -> CompiledModel:
     if device not in ("cpu", "llvm", "cuda") and not device.startswith("cuda:"):
         raise ArtifactError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     _check_fits(manifest, "cpu" if device == "llvm" else device, path)
+    if device.startswith("cuda") and manifest.get("cuda_binaries"):
+        from . import cuda_aot
+
+        cuda_aot.install_aot_callback(
+            cuda_aot.load_binaries(Path(path) / manifest["cuda_binaries"]["dir"]),
+            allow_source_fallback=allow_source_fallback)
     lib = tvm.runtime.load_module(str(Path(path) / LIB))
     target = tvm.target.Target(manifest["target"])
     dev = tvm.cuda(int(device.split(":")[1]) if ":" in device else 0) if device.startswith(

@@ -37,7 +37,7 @@ class CompiledModel:
                  output_desc: dict, report: dict, output_spec=None, device=None):
         self.executable = executable
         self.target = target
-        self.input_specs = input_specs
+        self.input_specs = [dict(s, shape=list(s["shape"])) for s in input_specs]
         self.output_desc = output_desc
         self.report = report
         self._output_spec = output_spec
@@ -149,11 +149,14 @@ class CompiledModel:
         return tuple(flat)
 
     # ----------------------------------------------------------------- deployment
-    def export(self, path: str) -> str:
-        """Write a self-contained artifact directory (see :mod:`attnforge.artifact`)."""
+    def export(self, path: str, gpu_archs=None) -> str:
+        """Write a self-contained artifact directory (see :mod:`attnforge.artifact`).
+
+        CUDA models carry nvcc-built binaries for ``gpu_archs`` (default: the target's arch).
+        """
         from .artifact import export_artifact
 
-        return export_artifact(self, path)
+        return export_artifact(self, path, gpu_archs=gpu_archs)
 
     def __repr__(self) -> str:
         n = len(self.report.get("attention", []))

@@ -21,7 +21,7 @@ def _seed():
 def tiny_gpt2():
     from attnforge.models import build_hf_model
 
-    return build_hf_model("gpt2", batch=2, seq_len=48, hidden=32, layers=2, heads=2)
+    return build_hf_model("gpt2", batch=2, seq_len=160, hidden=32, layers=2, heads=2)
 
 
 @pytest.fixture(scope="session")

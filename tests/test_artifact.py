@@ -117,3 +117,31 @@ def test_load_and_run_without_torch(artifact, tiny_gpt2):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
+
+
+def test_cuda_artifact_carries_gpu_binaries(tmp_path):
+    """A CUDA artifact holds an nvcc-built fatbin per arch, checksummed; loading it needs a
+    GPU of a listed arch and says so clearly otherwise."""
+    from attnforge import cuda_aot
+    from attnforge.target import gpu_arch
+
+    if cuda_aot.find_cuda_tool("nvcc") is None:
+        pytest.skip("nvcc not installed: cannot build ahead-of-time GPU binaries")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()).eval()
+    cm = attnforge.compile_model(model, (torch.randn(4, 32),), target="cuda:sm_80")
+    path = cm.export(str(tmp_path / "mlp.afm"), gpu_archs=("sm_80", "sm_90"))
+    m = json.loads(open(os.path.join(path, MANIFEST)).read())
+    assert m["cuda_binaries"]["archs"] == ["sm_80", "sm_90"]
+    fatbins = [f for f in m["files"] if f.endswith(".fatbin")]
+    assert fatbins and all(f.startswith("cuda_bin/") for f in fatbins)
+    for f in fatbins:
+        assert cuda_aot.is_fatbin(open(os.path.join(path, f), "rb").read())
+    with pytest.raises(ArtifactError, match="not CUDA|load it with device='cuda'"):
+        attnforge.load(path, device="cpu")
+    if gpu_arch() is None:
+        with pytest.raises(ArtifactError, match="none is visible"):
+            attnforge.load(path)
+    with open(os.path.join(path, fatbins[0]), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="sha256"):
+        attnforge.load(path)

@@ -61,9 +61,9 @@ def test_hf_model_output_structure_and_report(tiny_gpt2, compiled_gpt2):
 
 def test_call_time_input_errors(compiled_gpt2):
     with pytest.raises(InputError, match="shape"):
-        compiled_gpt2(torch.zeros(1, 48, dtype=torch.int64))
+        compiled_gpt2(torch.zeros(1, 160, dtype=torch.int64))
     with pytest.raises(InputError, match="dtype"):
-        compiled_gpt2(torch.zeros(2, 48, dtype=torch.int32))
+        compiled_gpt2(torch.zeros(2, 160, dtype=torch.int32))
     with pytest.raises(InputError, match="expected 1 input"):
         compiled_gpt2()
     with pytest.raises(InputError, match="torch.Tensor or numpy"):
