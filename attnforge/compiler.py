@@ -20,16 +20,49 @@ from .target import can_run_here, host_target, is_cuda, parse_target, target_tag
 from .verify import TOLERANCES, compare, raise_if_failed
 
 
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
+def _attention_dtype(target: tvm.target.Target, precision: str) -> str | None:
+    """Dtype the fused attention kernels compute in (None: the model's own, fp32)."""
+    if precision == "float32":
+        return None
+    if is_cuda(target):
+        return precision
+    # The CPU kernel widens bf16 to fp32 internally; this CPU has no fp16 arithmetic.
+    return "bfloat16" if precision == "bfloat16" else None
+
+
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
-           block_q: int, block_kv: int):
+           block_q: int | None, block_kv: int, precision: str = "float32"):
     """Run attnforge's Relax passes; returns (module, attention sites)."""
+    from tvm import relax
+
     from attnforge.passes.attention_report import attention_report
     from attnforge.passes.pipeline import attention_pipeline
 
+    amp = precision == "float16"  # TVM's AMP: fp16 matmuls (weights folded), fp32 accumulate
     if not fuse_attention:
+        if amp:
+            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
         return mod, []
-    mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv)(mod)
+    mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv,
+                             compute_dtype=_attention_dtype(target, precision),
+                             mixed_precision=amp)(mod)
     return mod, attention_report(mod)
+
+
+def _schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict]:
+    """Legalize, fuse and schedule every PrimFunc with our CPU rules (TVM's default CPU
+    pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls)."""
+    from collections import Counter
+
+    from attnforge.schedules.cpu_schedule import cpu_build_pipeline
+
+    stats: Counter = Counter()
+    with target:
+        mod = cpu_build_pipeline(target, stats=stats)(mod)
+    return mod, dict(stats)
 
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target):
@@ -80,7 +113,8 @@ def compile_model(
     verify: bool = True,
     dynamic_shapes=None,
     fuse_attention: bool = True,
-    block_q: int = 64,
+    precision: str = "float32",
+    block_q: int | None = None,
     block_kv: int = 64,
     rtol: float | None = None,
 ) -> CompiledModel:
@@ -97,8 +131,12 @@ def compile_model(
             report: the GPU kernels themselves did not run).
         dynamic_shapes: torch.export's ``dynamic_shapes`` argument.
         fuse_attention: run attnforge's attention passes (False: stock TVM lowering).
-        block_q, block_kv: attention kernel block sizes.
-        rtol: verification tolerance (default by precision, fp32: 1e-4).
+        precision: ``"float32"``; ``"float16"`` (attention kernels in fp16 on CUDA, other
+            matmuls through TVM's ``ToMixedPrecision`` with fp32 accumulation, weights stored
+            in fp16); ``"bfloat16"`` (attention kernels in bf16; other ops stay fp32 because
+            TVM's AMP and dlight have no bf16 tensor-core path).
+        block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
+        rtol: verification tolerance (default by precision: fp32 1e-4, fp16 2e-2, bf16 5e-2).
 
     Returns:
         A :class:`CompiledModel`; ``cm.report`` holds the attention sites and verification.
@@ -106,6 +144,8 @@ def compile_model(
     from attnforge.frontends import import_torch_model
 
     tgt = parse_target(target)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -116,9 +156,12 @@ def compile_model(
     timings["import"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv)
+    mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision)
     timings["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    schedules = {}
+    if not is_cuda(tgt):
+        mod, schedules = _schedule_cpu(mod, tgt)
     executable = _build(mod, tgt)
     timings["build"] = time.perf_counter() - t0
 
@@ -127,8 +170,9 @@ def compile_model(
         "tvm_version": tvm.__version__,
         "target": str(tgt),
         "target_tag": target_tag(tgt),
-        "precision": "float32",
+        "precision": precision,
         "attention": _merge_sources(sites, imp.attention_sources),
+        "schedules": schedules,
         "verification": {"skipped": True, "reason": "verify=False"},
         "timings_s": timings,
     }
@@ -137,13 +181,14 @@ def compile_model(
     if verify:
         t0 = time.perf_counter()
         report["verification"] = _verify(cm, model, example_inputs, imp.mod, tgt,
-                                         fuse_attention, block_q, block_kv, rtol)
+                                         fuse_attention, block_q, block_kv, precision, rtol)
         timings["verify"] = time.perf_counter() - t0
         raise_if_failed(report["verification"])
     return cm
 
 
-def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block_kv, rtol):
+def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block_kv,
+            precision, rtol):
     ref = _flatten_eager(model, inputs)
     np_inputs = [x.detach().cpu().numpy() for x in inputs]
     runner, note = cm, None
@@ -151,12 +196,13 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
         if not is_cuda(tgt):
             raise TargetError(f"cannot verify for {target_tag(tgt)} on this machine")
         cpu = host_target()
-        mod, _ = _lower(imported_mod, cpu, fuse_attention, block_q, block_kv)
+        mod, _ = _lower(imported_mod, cpu, fuse_attention, None, block_kv, precision)
+        mod, _ = _schedule_cpu(mod, cpu)
         runner = CompiledModel(_build(mod, cpu), cpu, cm.input_specs, cm.output_desc, {})
         note = (f"no GPU here: the same pipeline was built for this CPU ({target_tag(cpu)}) "
                 "and verified there; the GPU kernels themselves were NOT run")
     got = runner.run_flat(*np_inputs)
-    tol = rtol if rtol is not None else TOLERANCES[cm.report.get("precision", "float32")]
+    tol = rtol if rtol is not None else TOLERANCES[precision]
     result = compare(ref, got, _output_names(cm.output_desc, len(ref)), tol)
     result["ran_on"] = target_tag(runner.target)
     result["gpu_kernels_run"] = bool(is_cuda(tgt) and runner is cm)

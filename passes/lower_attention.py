@@ -9,8 +9,11 @@ What it does
     The mask operand is what ``AnalyzeAttentionMask`` chose: nothing (structured/full), the
     static bool mask, a compile-time constant, or the run-time tensor (``logical_not`` for a
     ``masked_fill`` mask, ``where(keep, 0, fill)`` for a bool mask with a finite fill).
-    Targets without a kernel (e.g. ``cuda`` for now) keep the call to the fused-but-unlowered
-    function; so does a site the kernel rejects.  Lowered attention functions are removed.
+    For ``cuda`` the kernel is :func:`attnforge.schedules.attention_cuda.fused_attention_cuda`
+    (tensor cores: fp16/bf16 only, block 128x64 by default).  ``compute_dtype`` casts Q/K/V
+    to a lower precision around the kernel (output cast back): how ``precision="float16"``
+    reaches attention.  A site the kernel rejects keeps the call to the fused-but-unlowered
+    function, with the reason in the report.  Lowered attention functions are removed.
 
     One report entry per site (see :mod:`.attention_report`) is written to the module attr
     ``attnforge.attention_sites``, so the information survives lowering.
@@ -31,23 +34,39 @@ from ..schedules.block_mask import MaskSpec
 from . import _attention_ir as ir
 from .analyze_attention_mask import spec_from_attrs
 
-__all__ = ["KERNEL_NAME", "LowerAttentionToTIR"]
+__all__ = ["KERNEL_NAME", "KERNEL_NAMES", "LowerAttentionToTIR"]
 
-KERNEL_NAME = "attnforge.fused_attention_cpu"
+KERNEL_NAMES = {"llvm": "attnforge.fused_attention_cpu", "cuda": "attnforge.fused_attention_cuda"}
+KERNEL_NAME = KERNEL_NAMES["llvm"]
 
 
-def _target_kind(target) -> str:
+def _as_target(target) -> tvm.target.Target:
     if isinstance(target, str):
         target = {"kind": target.split()[0]}
     if isinstance(target, dict):
         target = tvm.target.Target(target)
-    return str(target.kind.name)
+    return target
+
+
+def _kernel_builder(target: tvm.target.Target):
+    """``(generator, symbol, extra kwargs)`` of the fused kernel for ``target``, or None."""
+    kind = str(target.kind.name)
+    if kind == "llvm":
+        from ..schedules.attention_cpu import fused_attention_cpu
+
+        return fused_attention_cpu, "fused_attention_cpu", {}
+    if kind == "cuda":
+        from ..schedules.attention_cuda import fused_attention_cuda
+
+        return fused_attention_cuda, "fused_attention_cuda", {
+            "arch": str(target.attrs.get("arch", "sm_90"))}
+    return None
 
 
 class _Plan:
     """Everything needed to lower one site, and its report entry."""
 
-    def __init__(self, func, call, block_q, block_kv, var2val=None):
+    def __init__(self, func, call, block_q, block_kv, var2val=None, compute_dtype=None):
         self.func, self.call = func, call
         self.cond = None  # C of a run-time where(C, 0, -inf) mask passed as bool
         if ir.attr(func, ir.A_MASK_FROM_WHERE, False) and var2val is not None:
@@ -58,7 +77,8 @@ class _Plan:
         if self.layout == "BND":
             qs, ks, vs = [1] + qs, [1] + ks, [1] + vs
         self.q4, self.k4, self.v4 = qs, ks, vs
-        self.dtype = str(q.ty.dtype)
+        self.io_dtype = str(q.ty.dtype)
+        self.dtype = compute_dtype or self.io_dtype
         self.groups = ir.attr(func, ir.A_GROUPS, 1)
         self.scale = ir.attr(func, ir.A_SCALE)
         self.kind = ir.attr(func, ir.A_MASK_KIND, "none")
@@ -115,7 +135,8 @@ class _Plan:
             "scale": self.scale, "gqa_groups": self.groups, "layout": self.layout,
             "shape": {"batch": b, "q_heads": hq, "kv_heads": self.k4[1], "q_len": nq,
                       "kv_len": self.k4[2], "head_dim": d, "v_head_dim": self.v4[3],
-                      "dtype": self.dtype},
+                      "dtype": self.io_dtype},
+            "compute_dtype": self.dtype,
             "block": self.block,
             "visited_fraction": None if bm is None else round(bm.visited_fraction, 6),
         }
@@ -123,20 +144,19 @@ class _Plan:
 
 @mutator
 class _Lowerer(PyExprMutator):
-    def __init__(self, mod, plans):
+    def __init__(self, mod, plans, kernel_builder):
         super().__init__(mod)
         self.plans = plans  # bound var -> _Plan (only sites being lowered)
         self.kernels: dict = {}
+        self.generate, self.symbol, self.extra = kernel_builder
 
     def _kernel(self, plan: _Plan) -> tvm.ir.GlobalVar:
-        from ..schedules.attention_cpu import fused_attention_cpu
-
-        kw = plan.kernel_args()
+        kw = {**plan.kernel_args(), **self.extra}
         key = repr(sorted((k, repr(v)) for k, v in kw.items() if k != "mask")) + repr(
             ir.spec_key(plan.spec))
         if key not in self.kernels:
-            prim, bm = fused_attention_cpu(**kw)
-            gv = self.builder_.add_func(prim, "fused_attention_cpu")
+            prim, bm = self.generate(**kw)
+            gv = self.builder_.add_func(prim, self.symbol)
             # one symbol per kernel variant, or the build links duplicates
             self.builder_.update_func(gv, prim.with_attr("global_symbol", gv.name_hint))
             self.kernels[key] = (gv, bm)
@@ -154,6 +174,8 @@ class _Lowerer(PyExprMutator):
         if plan.layout == "BND":
             args[:3] = [bb.emit(relax.op.reshape(a, s)) for a, s in
                         zip(args[:3], (plan.q4, plan.k4, plan.v4))]
+        if plan.dtype != plan.io_dtype:
+            args[:3] = [bb.emit(relax.op.astype(a, plan.dtype)) for a in args[:3]]
         ins = args[:3] + [relax.const(np.ascontiguousarray(a, dtype="int32")) for a in
                           (bm.kv_num_blocks, bm.kv_indices, bm.kv_is_full)]
         mask = self._mask(plan, args)
@@ -162,6 +184,8 @@ class _Lowerer(PyExprMutator):
         b, hq, nq, _ = plan.q4
         out_ty = relax.TensorType([b, hq, nq, plan.v4[3]], plan.dtype)
         out = relax.call_tir(gv, relax.Tuple(ins), out_ty=out_ty)
+        if plan.dtype != plan.io_dtype:
+            out = relax.op.astype(bb.emit(out), plan.io_dtype)
         if list(plan.out_shape) != [b, hq, nq, plan.v4[3]]:
             out = relax.op.reshape(bb.emit(out), plan.out_shape)
         bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(out)))
@@ -173,7 +197,7 @@ class _Lowerer(PyExprMutator):
             m = plan.spec.static_mask
             return relax.const(np.ascontiguousarray(m.reshape((1,) + m.shape)))
         if plan.mask_const is not None:
-            return relax.const(np.ascontiguousarray(plan.mask_const))
+            return self._mask_dtype(plan, relax.const(np.ascontiguousarray(plan.mask_const)))
         m = args[3]
         kind, invert = plan.kind, ir.attr(plan.func, ir.A_MASK_INVERT, False)
         if plan.cond is not None:
@@ -186,6 +210,11 @@ class _Lowerer(PyExprMutator):
                                                   relax.const(fill, plan.dtype)))
         if plan.layout == "BND" and len(plan.mask_shape) == 4 and m.ty.ndim == 3:
             m = self.builder_.emit(relax.op.reshape(m, plan.mask_shape))
+        return self._mask_dtype(plan, m)
+
+    def _mask_dtype(self, plan: _Plan, m):
+        if plan.mask_input == "additive" and plan.dtype != plan.io_dtype:
+            return self.builder_.emit(relax.op.astype(m, plan.dtype))
         return m
 
 
@@ -193,24 +222,31 @@ class _Lowerer(PyExprMutator):
 class LowerAttentionToTIR:
     """Lower attention calls to the fused kernel of ``target`` (module docstring)."""
 
-    def __init__(self, target, block_q: int = 64, block_kv: int = 64):
-        self.target, self.block_q, self.block_kv = target, block_q, block_kv
+    def __init__(self, target, block_q: int | None = None, block_kv: int = 64,
+                 compute_dtype: str | None = None):
+        self.target, self.block_kv, self.compute_dtype = target, block_kv, compute_dtype
+        self.block_q = block_q
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kind = _target_kind(self.target)
+        target = _as_target(self.target)
+        kind = str(target.kind.name)
+        builder = _kernel_builder(target)
+        # Tensor-core tiles want 128 query rows; the CPU kernel's register tile wants 64.
+        block_q = self.block_q or (128 if kind == "cuda" else 64)
         sites = list(ir.iter_sites(mod))
         plans, entries = {}, []
         lowerer = None
         var2val = {c: relax.analysis.get_var2val(mod[c]) for c in {s[0] for s in sites}}
         for i, (caller, callee, call, var) in enumerate(sites):
-            plan = _Plan(mod[callee], call, self.block_q, self.block_kv, var2val[caller])
-            if kind != "llvm":
+            plan = _Plan(mod[callee], call, block_q, self.block_kv, var2val[caller],
+                         self.compute_dtype)
+            if builder is None:
                 plan.reason = f"no fused attention kernel for target kind {kind!r} yet"
             else:
-                lowerer = lowerer or _Lowerer(mod, plans)
+                lowerer = lowerer or _Lowerer(mod, plans, builder)
                 try:
                     lowerer._kernel(plan)
-                    plan.lowered_to = KERNEL_NAME
+                    plan.lowered_to = KERNEL_NAMES[kind]
                     plans[var] = plan
                 except (ValueError, NotImplementedError) as e:
                     plan.reason = f"kernel rejected the site: {e}"

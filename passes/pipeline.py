@@ -8,6 +8,7 @@ legalisation/build; the module it returns is accepted by ``tvm.compile(mod, targ
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 
 from .analyze_attention_mask import AnalyzeAttentionMask
 from .fuse_attention import FuseAttention
@@ -16,16 +17,30 @@ from .lower_attention import LowerAttentionToTIR
 __all__ = ["attention_pipeline"]
 
 
-def attention_pipeline(target, *, block_q: int = 64, block_kv: int = 64) -> tvm.transform.Pass:
-    """Flat ``Sequential``: FuseAttention -> AnalyzeAttentionMask -> LowerAttentionToTIR."""
+def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64,
+                       compute_dtype: str | None = None,
+                       mixed_precision: bool = False) -> tvm.transform.Pass:
+    """Flat ``Sequential``: FuseAttention -> AnalyzeAttentionMask -> [AMP] -> LowerAttentionToTIR.
+
+    ``block_q`` None picks the target's default (64 on llvm, 128 on cuda); ``compute_dtype``
+    runs the kernels in that dtype (e.g. ``"float16"``), casting around them;
+    ``mixed_precision`` runs TVM's ``ToMixedPrecision`` (fp16 matmuls, fp32 accumulation) on
+    the rest of the graph.  AMP must run before lowering: it rejects modules holding
+    ``call_tir`` to PrimFuncs ("Expected TensorType, but got R.Callable").
+    """
     return tvm.transform.Sequential(
         [
             # Phase 1: recognise attention subgraphs, outline each into one annotated call.
             FuseAttention(),
             # Phase 2: fold compile-time masks into MaskSpecs (causal, window, chunked, ...).
             AnalyzeAttentionMask(),
+            # Optional: TVM's automatic mixed precision on everything but attention.
+            tvm.transform.Sequential([relax.transform.ToMixedPrecision(out_dtype="float32"),
+                                      relax.transform.FoldConstant()])
+            if mixed_precision else tvm.transform.Sequential([]),
             # Phase 3: replace the calls by the fused kernel of `target` (others stay fused).
-            LowerAttentionToTIR(target, block_q=block_q, block_kv=block_kv),
+            LowerAttentionToTIR(target, block_q=block_q, block_kv=block_kv,
+                                compute_dtype=compute_dtype),
         ],
         name="attnforge.attention_pipeline",
     )
