@@ -3,6 +3,7 @@
     attnforge compile MODEL [--target T] [--out DIR] [--batch B] [--seq-len N] [--attn eager|sdpa]
     attnforge run ARTIFACT [--inputs FILE.npz] [--repeat N]
     attnforge inspect ARTIFACT
+    attnforge tune MODEL --target T --trials N [--work-dir DIR] [--rpc HOST:PORT --device-key K]
     attnforge demo
 
 MODEL is a built-in tiny config (gpt2, llama, mistral, bert, vit) or ``package.module:factory``
@@ -37,7 +38,8 @@ def cmd_compile(args) -> int:
     from .models import load_model_spec
 
     model, inputs = load_model_spec(args.model, **_model_kwargs(args))
-    cm = attnforge.compile_model(model, inputs, target=args.target, verify=not args.no_verify)
+    cm = attnforge.compile_model(model, inputs, target=args.target, verify=not args.no_verify,
+                                 precision=args.precision, tuning_logs=args.tuning_logs)
     print(_summary(cm.report))
     if args.out:
         print(f"exported to {cm.export(args.out)}")
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seq-len", type=int, default=None)
     c.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     c.add_argument("--no-verify", action="store_true")
+    c.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default="float32")
+    c.add_argument("--tuning-logs", help="MetaSchedule log directory to apply")
     r = sub.add_parser("run", help="run an exported artifact (numpy only, no torch needed)")
     r.add_argument("artifact")
     r.add_argument("--inputs", help=".npz with one array per input (by name or arr_i)")
@@ -135,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     sub.add_parser("demo", help="compile, verify, export and reload a small GPT-2")
+    from .cli_tune import add_tune_parser, cmd_tune
+
+    add_tune_parser(sub)
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
             from .demo import run_demo
 
             return run_demo()
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}[args.cmd](args)
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
+                "tune": cmd_tune}[args.cmd](args)
     except (AttnforgeError, ValueError) as e:
         print(f"attnforge {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -52,17 +52,27 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
     return mod, attention_report(mod)
 
 
-def _schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict]:
-    """Legalize, fuse and schedule every PrimFunc with our CPU rules (TVM's default CPU
-    pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls)."""
+def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
+    """Apply tuning records (if given), then schedule the rest: our CPU rules on llvm (TVM's
+    default CPU pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls), dlight on CUDA (inside
+    ``tvm.compile``). Returns ``(module, per-rule counts, tuning report)``."""
     from collections import Counter
 
-    from attnforge.schedules.cpu_schedule import cpu_build_pipeline
+    from attnforge.schedules.cpu_schedule import cpu_build_pipeline, cpu_schedule_pass
 
     stats: Counter = Counter()
-    with target:
-        mod = cpu_build_pipeline(target, stats=stats)(mod)
-    return mod, dict(stats)
+    tuning = {"applied": False, "reason": "no tuning_logs given: default schedules"}
+    if tuning_logs is not None:
+        from .tuning_apply import apply_tuning_logs
+
+        mod, tuning = apply_tuning_logs(mod, target, tuning_logs)  # legalized + fused
+        if not is_cuda(target):
+            with target:
+                mod = cpu_schedule_pass(target, stats)(mod)
+    elif not is_cuda(target):
+        with target:
+            mod = cpu_build_pipeline(target, stats=stats)(mod)
+    return mod, dict(stats), tuning
 
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target):
@@ -116,6 +126,7 @@ def compile_model(
     precision: str = "float32",
     block_q: int | None = None,
     block_kv: int = 64,
+    tuning_logs: str | None = None,
     rtol: float | None = None,
 ) -> CompiledModel:
     """Compile a PyTorch model with TVM, attention fused into attnforge's kernels.
@@ -136,6 +147,9 @@ def compile_model(
             in fp16); ``"bfloat16"`` (attention kernels in bf16; other ops stay fp32 because
             TVM's AMP and dlight have no bf16 tensor-core path).
         block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
+        tuning_logs: MetaSchedule log directory (``attnforge tune`` writes one) whose matching
+            records replace the default schedules; ``cm.report["tuning"]`` says which tasks
+            were tuned and why others were not.
         rtol: verification tolerance (default by precision: fp32 1e-4, fp16 2e-2, bf16 5e-2).
 
     Returns:
@@ -159,9 +173,7 @@ def compile_model(
     mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision)
     timings["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    schedules = {}
-    if not is_cuda(tgt):
-        mod, schedules = _schedule_cpu(mod, tgt)
+    mod, schedules, tuning = _schedule(mod, tgt, tuning_logs)
     executable = _build(mod, tgt)
     timings["build"] = time.perf_counter() - t0
 
@@ -173,6 +185,7 @@ def compile_model(
         "precision": precision,
         "attention": _merge_sources(sites, imp.attention_sources),
         "schedules": schedules,
+        "tuning": tuning,
         "verification": {"skipped": True, "reason": "verify=False"},
         "timings_s": timings,
     }
@@ -197,7 +210,7 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
             raise TargetError(f"cannot verify for {target_tag(tgt)} on this machine")
         cpu = host_target()
         mod, _ = _lower(imported_mod, cpu, fuse_attention, None, block_kv, precision)
-        mod, _ = _schedule_cpu(mod, cpu)
+        mod, _, _ = _schedule(mod, cpu)
         runner = CompiledModel(_build(mod, cpu), cpu, cm.input_specs, cm.output_desc, {})
         note = (f"no GPU here: the same pipeline was built for this CPU ({target_tag(cpu)}) "
                 "and verified there; the GPU kernels themselves were NOT run")

@@ -101,24 +101,31 @@ def cpu_schedule_pass(target: Target, stats: Counter | None = None) -> tvm.trans
     return _pass
 
 
-def cpu_build_pipeline(
-    target: Target, stats: Counter | None = None, fast_math: bool = True
-) -> tvm.transform.Sequential:
-    """Relax -> scheduled TIR for llvm; follow with ``tvm.compile(mod, target)``.
+def cpu_legalize_passes(fast_math: bool = True) -> list:
+    """Phases 1-2 of :func:`cpu_build_pipeline` (shared with tuning, so workload hashes match).
 
     ``fast_math`` legalises fp32 exp / erf / tanh / sigmoid / silu / gelu / softmax to TVM's
     polynomial forms (rel. error < 1e-6, vectorised) instead of scalar libm calls.
     """
     legalize_map = fast_math_legalize_map() if fast_math else None
+    return [
+        # Phase 1: lower Relax ops to TIR PrimFuncs (fast fp32 transcendental ops).
+        relax.transform.LegalizeOps(customize_legalize_map=legalize_map),
+        relax.transform.AnnotateTIROpPattern(),
+        # Phase 2: fold constant weight transposes, fuse prologues / epilogues.
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def cpu_build_pipeline(
+    target: Target, stats: Counter | None = None, fast_math: bool = True
+) -> tvm.transform.Sequential:
+    """Relax -> scheduled TIR for llvm; follow with ``tvm.compile(mod, target)``."""
     return tvm.transform.Sequential(
         [
-            # Phase 1: lower Relax ops to TIR PrimFuncs (fast fp32 transcendental ops).
-            relax.transform.LegalizeOps(customize_legalize_map=legalize_map),
-            relax.transform.AnnotateTIROpPattern(),
-            # Phase 2: fold constant weight transposes, fuse prologues / epilogues.
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
+            *cpu_legalize_passes(fast_math),
             # Phase 3: schedule every PrimFunc that is not ours.
             cpu_schedule_pass(target, stats),
         ],
