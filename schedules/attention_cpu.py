@@ -40,6 +40,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .attention_args import check, check_dims, check_mask_shape
 from .attention_cpu_exp import exp2_poly
 from .block_mask import BlockMask, MaskSpec
 
@@ -58,23 +59,6 @@ def default_cpu_target() -> tvm.target.Target:
 
     cpu = cg.llvm_get_system_cpu() if hasattr(cg, "llvm_get_system_cpu") else ""
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu or "generic"})
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _mask_shape(shape: Sequence[int] | None, full: tuple) -> tuple:
-    _check(shape is not None, "mask_input is set: pass mask_input_shape (broadcastable to "
-           f"[B, Hq, Nq, Nk] = {list(full)})")
-    shape = tuple(int(s) for s in shape)
-    _check(2 <= len(shape) <= 4, f"mask_input_shape={shape}: expected 2 to 4 dims "
-           f"broadcastable to [B, Hq, Nq, Nk] = {list(full)}")
-    padded = (1,) * (4 - len(shape)) + shape
-    for name, s, f in zip(("batch", "heads", "q_len", "kv_len"), padded, full, strict=True):
-        _check(s in (1, f), f"mask_input_shape={shape}: the {name} dim must be 1 or {f}, got {s}")
-    return shape
 
 
 def fused_attention_cpu(
@@ -116,33 +100,30 @@ def fused_attention_cpu(
     if dtype not in _DTYPES:
         raise NotImplementedError(f"fused_attention_cpu: dtype={dtype!r} is not supported on llvm; "
                                   f"use one of {_DTYPES} (cast the inputs)")
-    for name, v in (("batch", B), ("q_heads", Hq), ("kv_heads", Hkv), ("q_len", Nq),
-                    ("kv_len", Nk), ("head_dim", D), ("v_head_dim", Dv)):
-        _check(v > 0, f"{name} must be positive, got {v}")
-    _check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
-    _check(block_q > 0 and block_kv > 0,
+    check_dims(B, Hq, Hkv, Nq, Nk, D, Dv)
+    check(block_q > 0 and block_kv > 0,
            f"block_q and block_kv must be positive, got {block_q}x{block_kv}")
-    _check(rows > 0, f"rows (micro-kernel height) must be positive, got {rows}")
-    _check(block_kv % rows == 0, f"block_kv ({block_kv}) must be a multiple of rows ({rows})")
-    _check(math.isfinite(scale), f"scale must be finite, got {scale}")
-    _check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
+    check(rows > 0, f"rows (micro-kernel height) must be positive, got {rows}")
+    check(block_kv % rows == 0, f"block_kv ({block_kv}) must be a multiple of rows ({rows})")
+    check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
            f"got {mask_input!r}")
-    _check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
+    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
            f"got {empty_rows!r}")
-    _check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
+    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
     if mask.kind == "static":
-        _check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
+        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
                "tensor (mask_input='bool')")
     if mask.kind == "dynamic":
-        _check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
+        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
                "(mask_input='bool' or 'additive')")
     mshape = None
     if mask_input is not None:
-        mshape = _mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
+        mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
 
     bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
     Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
-    _check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, rows, Hm, W, bm.visited_fraction)
     func = func.with_attr({"global_symbol": global_symbol, "tir.noalias": True,

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .attention_args import check, check_dims, check_mask_shape
 from .attention_cuda_ptx import Ops
 from .block_mask import BlockMask, MaskSpec
 
@@ -55,22 +56,6 @@ def cuda_target(arch: str = "sm_90"):
     import tvm
 
     return tvm.target.Target({"kind": "cuda", "arch": arch})
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _mask_shape(shape: Sequence[int] | None, full: tuple) -> tuple:
-    _check(shape is not None, "mask_input is set: pass mask_input_shape (broadcastable to "
-           f"[B, Hq, Nq, Nk] = {list(full)})")
-    shape = tuple(int(s) for s in shape)
-    _check(2 <= len(shape) <= 4, f"mask_input_shape={shape}: expected 2 to 4 dims")
-    padded = (1,) * (4 - len(shape)) + shape
-    for name, s, f in zip(("batch", "heads", "q_len", "kv_len"), padded, full):
-        _check(s in (1, f), f"mask_input_shape={shape}: the {name} dim must be 1 or {f}, got {s}")
-    return shape
 
 
 def fused_attention_cuda(
@@ -118,38 +103,35 @@ def fused_attention_cuda(
     if arch not in _ARCHS:
         raise NotImplementedError(f"fused_attention_cuda: arch={arch!r} is not supported; use one "
                                   f"of {_ARCHS} (needs mma.sync m16n8k16 and cp.async)")
-    for name, v in (("batch", B), ("q_heads", Hq), ("kv_heads", Hkv), ("q_len", Nq),
-                    ("kv_len", Nk), ("head_dim", D), ("v_head_dim", Dv)):
-        _check(v > 0, f"{name} must be positive, got {v}")
-    _check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
-    _check(D % 16 == 0 and Dv % 16 == 0,
+    check_dims(B, Hq, Hkv, Nq, Nk, D, Dv)
+    check(D % 16 == 0 and Dv % 16 == 0,
            f"head_dim ({D}) and v_head_dim ({Dv}) must be multiples of 16 (mma k/n tiles)")
-    _check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
-    _check(block_kv > 0 and block_kv % 16 == 0,
+    check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
+    check(block_kv > 0 and block_kv % 16 == 0,
            f"block_kv must be a positive multiple of 16, got {block_kv}")
-    _check(num_stages in (1, 2, 3), f"num_stages must be 1, 2 or 3, got {num_stages}")
-    _check(math.isfinite(scale), f"scale must be finite, got {scale}")
-    _check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
+    check(num_stages in (1, 2, 3), f"num_stages must be 1, 2 or 3, got {num_stages}")
+    check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
            f"got {mask_input!r}")
-    _check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
+    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
            f"got {empty_rows!r}")
-    _check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
+    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
     if mask.kind == "static":
-        _check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
+        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
                "tensor (mask_input='bool')")
     if mask.kind == "dynamic":
-        _check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
+        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
                "(mask_input='bool' or 'additive')")
-    mshape = _mask_shape(mask_input_shape, (B, Hq, Nq, Nk)) if mask_input is not None else None
+    mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk)) if mask_input is not None else None
     bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
     Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
-    _check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
     biggest = max(B * Hq * Nq * max(D, Dv), B * Hkv * Nk * max(D, Dv))
-    _check(biggest < 2**31, f"tensors of {biggest} elements need 64-bit indexing, which this "
+    check(biggest < 2**31, f"tensors of {biggest} elements need 64-bit indexing, which this "
            "kernel does not emit: split the batch")
-    _check(warp_rows in (16, 32), f"warp_rows must be 16 or 32, got {warp_rows}")
+    check(warp_rows in (16, 32), f"warp_rows must be 16 or 32, got {warp_rows}")
     smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
-    _check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
+    check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, num_stages, Hm, W, emu, warp_rows)
     attrs = {"global_symbol": global_symbol, "tir.noalias": True, "op_pattern": 8}

@@ -1,0 +1,32 @@
+"""Argument checks shared by the fused attention kernel generators (llvm and CUDA)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_mask_shape(shape: Sequence[int] | None, full: tuple) -> tuple:
+    """Validate ``mask_input_shape`` against ``full = (B, Hq, Nq, Nk)``; returns it as ints."""
+    check(shape is not None, "mask_input is set: pass mask_input_shape (broadcastable to "
+          f"[B, Hq, Nq, Nk] = {list(full)})")
+    shape = tuple(int(s) for s in shape)
+    check(2 <= len(shape) <= 4, f"mask_input_shape={shape}: expected 2 to 4 dims "
+          f"broadcastable to [B, Hq, Nq, Nk] = {list(full)}")
+    padded = (1,) * (4 - len(shape)) + shape
+    for name, s, f in zip(("batch", "heads", "q_len", "kv_len"), padded, full, strict=True):
+        check(s in (1, f), f"mask_input_shape={shape}: the {name} dim must be 1 or {f}, got {s}")
+    return shape
+
+
+def check_dims(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int) -> None:
+    """Positive sizes and a whole number of query heads per kv head (GQA/MQA)."""
+    for name, v in (("batch", B), ("q_heads", Hq), ("kv_heads", Hkv), ("q_len", Nq),
+                    ("kv_len", Nk), ("head_dim", D), ("v_head_dim", Dv)):
+        check(v > 0, f"{name} must be positive, got {v}")
+    check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
