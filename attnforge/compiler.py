@@ -193,8 +193,9 @@ def compile_model(
                        output_spec=imp.output_spec)
     if verify:
         t0 = time.perf_counter()
-        report["verification"] = _verify(cm, model, example_inputs, imp.mod, tgt,
-                                         fuse_attention, block_q, block_kv, precision, rtol)
+        report["verification"], report["accuracy"] = _verify(
+            cm, model, example_inputs, imp.mod, tgt, fuse_attention, block_q, block_kv,
+            precision, rtol)
         timings["verify"] = time.perf_counter() - t0
         raise_if_failed(report["verification"])
     return cm
@@ -202,8 +203,9 @@ def compile_model(
 
 def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block_kv,
             precision, rtol):
-    ref = _flatten_eager(model, inputs)
-    np_inputs = [x.detach().cpu().numpy() for x in inputs]
+    """Verification on the example inputs and accuracy on held-out ones; returns both."""
+    from .accuracy import accuracy_metrics, held_out_inputs
+
     runner, note = cm, None
     if not can_run_here(tgt):
         if not is_cuda(tgt):
@@ -214,11 +216,20 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
         runner = CompiledModel(_build(mod, cpu), cpu, cm.input_specs, cm.output_desc, {})
         note = (f"no GPU here: the same pipeline was built for this CPU ({target_tag(cpu)}) "
                 "and verified there; the GPU kernels themselves were NOT run")
-    got = runner.run_flat(*np_inputs)
+
+    def run_both(xs):
+        ref = _flatten_eager(model, xs)
+        return ref, runner.run_flat(*[x.detach().cpu().numpy() for x in xs])
+
+    ref, got = run_both(inputs)
+    names = _output_names(cm.output_desc, len(ref))
     tol = rtol if rtol is not None else TOLERANCES[precision]
-    result = compare(ref, got, _output_names(cm.output_desc, len(ref)), tol)
+    result = compare(ref, got, names, tol)
     result["ran_on"] = target_tag(runner.target)
     result["gpu_kernels_run"] = bool(is_cuda(tgt) and runner is cm)
     if note:
         result["note"] = note
-    return result
+    accuracy = accuracy_metrics(*run_both(held_out_inputs(inputs)), names)
+    accuracy.update(precision=precision, ran_on=result["ran_on"],
+                    inputs="held-out random inputs (seed 1234) shaped like the examples")
+    return result, accuracy
