@@ -102,6 +102,9 @@ def cmd_inspect(args) -> int:
 def _summary(report: dict) -> str:
     lines = [f"target {report.get('target_tag')}, precision {report.get('precision')}"]
     for site in report.get("attention", []):
+        if not site.get("fused", True):
+            lines.append(f"  not fused ({site.get('var')}): {site.get('reason')}")
+            continue
         frac = site.get("visited_fraction")
         lines.append(f"  attention #{site.get('site')} {site.get('source') or ''}: "
                      f"{site.get('lowered_to') or 'not lowered (' + str(site.get('reason')) + ')'}"

@@ -1,8 +1,9 @@
 """``compile_model``: PyTorch module -> verified ``CompiledModel``.
 
 Pipeline (one direction): frontends (torch.export -> Relax) -> passes (recognise attention,
-analyse its mask, lower it to our kernels) -> TVM's default target pipeline (legalize the rest;
-dlight schedules on CUDA) -> ``tvm.compile`` -> Relax VM, checked against eager PyTorch.
+analyse its mask, lower it to our kernels) -> schedules for the rest (tuning records if given;
+our CPU rules on llvm, dlight on CUDA) -> ``tvm.compile`` -> Relax VM, checked against eager
+PyTorch.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def _attention_dtype(target: tvm.target.Target, precision: str) -> str | None:
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
            block_q: int | None, block_kv: int, precision: str = "float32"):
-    """Run attnforge's Relax passes; returns (module, attention sites)."""
+    """Run attnforge's Relax passes; returns (module, attention sites).
+
+    The sites list ends with the candidates the recognition pass left alone
+    (``"fused": False`` with the reason)."""
     from tvm import relax
 
-    from attnforge.passes.attention_report import attention_report
+    from attnforge.passes.attention_report import attention_rejections, attention_report
     from attnforge.passes.pipeline import attention_pipeline
 
     amp = precision == "float16"  # TVM's AMP: fp16 matmuls (weights folded), fp32 accumulate
@@ -49,7 +53,7 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
     mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv,
                              compute_dtype=_attention_dtype(target, precision),
                              mixed_precision=amp)(mod)
-    return mod, attention_report(mod)
+    return mod, attention_report(mod) + attention_rejections(mod)
 
 
 def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
@@ -104,13 +108,16 @@ def _output_names(desc: dict, n: int) -> list[str]:
 
 
 def _merge_sources(sites: list[dict], sources: list[str]) -> list[dict]:
-    """Attach the model module path of each site (matched in program order)."""
-    out = []
-    for i, site in enumerate(sites):
+    """Attach the model module path of each fused site, matched in program order; only when
+    every softmax of the model became a site (otherwise the order cannot be trusted)."""
+    fused = [s for s in sites if s.get("fused", True)]
+    match = len(fused) == len(sources)
+    out, i = [], 0
+    for site in sites:
         entry = dict(site)
-        if "source" not in entry:
-            entry["source"] = sources[i] if i < len(sources) and len(sources) == len(sites) \
-                else None
+        if entry.get("fused", True):
+            entry.setdefault("source", sources[i] if match else None)
+            i += 1
         out.append(entry)
     return out
 

@@ -98,3 +98,16 @@ def test_cuda_target_without_gpu_verifies_cpu_twin_and_says_so():
         assert "NOT run" in v["note"] and v["ran_on"].startswith("llvm")
         with pytest.raises(RuntimeError, match="no GPU"):
             cm(torch.randn(3, 16))
+
+
+def test_near_miss_is_left_alone_and_reported():
+    class WrongAxis(torch.nn.Module):
+        def forward(self, q, k, v):
+            p = torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-2)  # over queries: not attention
+            return p @ v
+
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    cm = attnforge.compile_model(WrongAxis(), (q, k, v))
+    (entry,) = cm.report["attention"]
+    assert entry["fused"] is False and "axis" in entry["reason"], entry
+    torch.testing.assert_close(cm(q, k, v), WrongAxis()(q, k, v), rtol=1e-4, atol=1e-5)
