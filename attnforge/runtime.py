@@ -141,12 +141,9 @@ class CompiledModel:
                 from torch.utils import _pytree
 
                 return _pytree.tree_unflatten(flat, spec)
-        kind = desc.get("kind", "tuple")
-        if kind == "tensor":
-            return flat[0]
-        if kind == "dict" and len(desc.get("keys", [])) == len(flat):
-            return dict(zip(desc["keys"], flat))
-        return tuple(flat)
+        from attnforge.frontends.output_desc import unflatten_outputs  # torch-free
+
+        return unflatten_outputs(desc, flat)
 
     # ----------------------------------------------------------------- deployment
     def export(self, path: str, gpu_archs=None) -> str:
