@@ -86,7 +86,11 @@ def cmd_tune(args) -> int:
           f"{res.trials_run} run now, {res.wall_time_s:.0f} s)")
     for t in res.tasks:
         best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else "-"
-        print(f"  {t['name']}: {t['trials']} trials, best {best}")
+        dflt = t.get("default_us")
+        vs = "" if dflt is None else f", default schedule {dflt:.1f} us" + (
+            " (tuned record not faster: it will not be applied)"
+            if t["best_us"] is None or t["best_us"] >= dflt else "")
+        print(f"  {t['name']}: {t['trials']} trials, best {best}{vs}")
     if args.attention_blocks:
         _tune_blocks(args, model, inputs, res.work_dir)
     return 0

@@ -36,6 +36,7 @@ from .tuning_db import (
     repair_tail,
     write_meta,
 )
+from .tuning_default import count_records, measure_and_seed, record_us, seed_shas, trace_sha
 from .tuning_progress import catch_sigint, make_progress, quiet_tvm_console
 
 __all__ = [
@@ -120,27 +121,14 @@ def _resolve_runner(runner, rpc, device_key, evaluator_config):
                       "ms.runner.Runner, or rpc=(host, port) with device_key=")
 
 
-def _records_per_workload(work_dir: Path, tag: str) -> dict[str, int]:
-    if not (work_dir / "database_workload.json").exists():
-        return {}
-    log = read_log(work_dir)
-    from .tuning_apply import record_target_tag
-
-    counts: dict[str, int] = {}
-    for idx, rec in log.records:
-        if record_target_tag(log.record_target(rec)) == tag:
-            h = log.workloads[idx][0]
-            counts[h] = counts.get(h, 0) + 1
-    return counts
-
-
 def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
          runner="local", rpc=None, device_key: str | None = None,
          max_trials_per_task: int | None = None, progress: bool = True,
          workload: str | None = None, num_trials_per_iter: int = 64,
          seed: int | None = None, callbacks: Sequence[Callable[[dict], None]] = (),
          fuse_attention: bool = True, block_q: int | None = None, block_kv: int = 64,
-         mod: tvm.IRModule | None = None, only: Sequence[str] | None = None) -> TuneResult:
+         mod: tvm.IRModule | None = None, only: Sequence[str] | None = None,
+         measure_defaults: bool = True) -> TuneResult:
     """Tune a PyTorch model's kernels with MetaSchedule and record them in a log directory.
 
     Args:
@@ -158,6 +146,11 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         mod: an already lowered Relax module to tune instead of importing ``model``.
         only: tune only tasks whose name contains one of these strings (e.g. ``["matmul"]``:
             spend the budget on the GEMMs, leave the rest to the default schedules).
+        measure_defaults: first build and run each task's default schedule (our CPU rules on
+            llvm, dlight on CUDA) with the same builder and runner; its latency goes to
+            ``meta.json`` (``tasks[i]["default_us"]``) and its trace into the database as a
+            seed record (not counted as a trial), so ``apply_tuning_logs`` applies a tuned
+            record only when it beats the default.  Measured once per work dir and workload.
 
     Raises:
         TuningError (ValueError): bad ``trials``/``max_trials_per_task``/``runner``/``rpc``/
@@ -192,9 +185,13 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
     lock = WorkDirLock(wdir)
     lock.acquire()  # before the slow steps: a second job fails fast
     try:
-        runs = list(read_meta(wdir).get("runs", []))  # history of earlier jobs in this dir
+        old_meta = read_meta(wdir)
     except TuningLogError:
-        runs = []
+        old_meta = {}
+    runs = list(old_meta.get("runs", []))  # history of earlier jobs in this dir
+    seeds = seed_shas(old_meta)
+    defaults = {t["workload_hash"]: {k: v for k, v in t.items() if k.startswith("default_")}
+                for t in old_meta.get("tasks", []) if t.get("workload_hash")}
     status, trials_run, bar, tasks, names, hashes, how = "running", 0, None, [], [], [], ""
     state: dict = {}
     try:
@@ -208,10 +205,18 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         hashes = [workload_hash(t.dispatched[0]["main"]) for t in tasks]
         names = [t.task_name for t in tasks]
         repair_tail(wdir)
-        before = _records_per_workload(wdir, tag)
-        remaining = trials - sum(before.get(h, 0) for h in hashes)
+        if ms_runner is None:
+            ms_runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
         write_meta(wdir, _meta(tgt, tag, workload, how, trials, runner_info, status, names,
-                               hashes, tasks))
+                               hashes, tasks, defaults))
+        if measure_defaults:
+            defaults.update(_measure_defaults(wdir, tasks, hashes, tgt, ms_runner, defaults))
+            seeds |= {d["default_trace_sha256"] for d in defaults.values()
+                      if d.get("default_trace_sha256")}
+            write_meta(wdir, _meta(tgt, tag, workload, how, trials, runner_info, status, names,
+                                   hashes, tasks, defaults))
+        before = count_records(wdir, tag, seeds)
+        remaining = trials - sum(before.get(h, 0) for h in hashes)
         if remaining <= 0:
             status = "complete"
         else:
@@ -219,8 +224,6 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
             quiet_tvm_console(before=True)
             contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(wdir), seed=seed)
             quiet_tvm_console()
-            if ms_runner is None:
-                ms_runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
             old_sigint = catch_sigint(state)
             try:
                 ms.tune.tune_tasks(
@@ -248,9 +251,10 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         if pool is not None:
             pool.shutdown(wait=False)
         status = "failed" if status == "running" else status
-        after = _records_per_workload(wdir, tag)
-        tasks_out = _task_summary(wdir, tgt, tasks, names, hashes, after)
-        meta = _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, tasks)
+        after = count_records(wdir, tag, seeds)
+        tasks_out = _task_summary(wdir, tag, tasks, names, hashes, after, seeds, defaults)
+        meta = _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, tasks,
+                     defaults)
         meta.update(tasks=tasks_out, trials_in_db=sum(after.get(h, 0) for h in hashes),
                     wall_time_s=round(time.time() - t0, 2), trials_run_last=trials_run)
         meta["runs"] = runs + [{"date": meta["date"], "status": status, "trials_run": trials_run,
@@ -287,7 +291,23 @@ def _extract(mod, tgt, workload: str, tag: str, only=None) -> list:
     return tasks
 
 
-def _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, tasks) -> dict:
+def _measure_defaults(wdir, tasks, hashes, tgt, runner, known) -> dict:
+    """:func:`~attnforge.tuning_default.measure_and_seed`; a failure is recorded, not raised."""
+    from .tuning_build import make_builder, tuning_target
+
+    try:
+        return measure_and_seed(wdir, tasks, hashes, tuning_target(tgt), make_builder(), runner,
+                                known)
+    except Exception as e:  # noqa: BLE001 - tuning still works; apply cannot compare then
+        msg = str(e).strip().splitlines()
+        err = f"measuring the default schedule failed: {msg[-1] if msg else repr(e)}"[:300]
+        return {h: {"default_us": None, "default_error": err} for h in hashes
+                if known.get(h, {}).get("default_us") is None}
+
+
+def _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, tasks,
+          defaults=None) -> dict:
+    defaults = defaults or {}
     return {
         "attnforge_version": __version__,
         "tvm_version": tvm.__version__,
@@ -300,8 +320,8 @@ def _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, t
         "runner": runner_info,
         "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tasks": [{"name": n, "workload_hash": h, "weight": int(t.weight)}
-                  for n, h, t in zip(names, hashes, tasks)],
+        "tasks": [{"name": n, "workload_hash": h, "weight": int(t.weight),
+                   **defaults.get(h, {})} for n, h, t in zip(names, hashes, tasks)],
     }
 
 
@@ -316,20 +336,22 @@ def _plain(obj):
     return str(obj)
 
 
-def _task_summary(wdir, tgt, tasks, names, hashes, counts) -> list[dict]:
-    from tvm.s_tir import meta_schedule as ms
+def _task_summary(wdir, tag, tasks, names, hashes, counts, seeds, defaults) -> list[dict]:
+    """Per task: trials, best tuned latency (seed records left out) and the default's."""
+    from .tuning_apply import record_target_tag
 
-    out = []
-    db = None
+    best: dict[str, float] = {}
     if (wdir / "database_workload.json").exists():
-        db = ms.database.JSONDatabase(work_dir=str(wdir))
+        log = read_log(wdir)
+        for idx, rec in log.records:
+            if record_target_tag(log.record_target(rec)) != tag or trace_sha(rec[0]) in seeds:
+                continue
+            h, us = log.workloads[idx][0], record_us(rec)
+            if us is not None and (h not in best or us < best[h]):
+                best[h] = us
+    out = []
     for t, name, h in zip(tasks, names, hashes):
-        best = None
-        if db is not None and counts.get(h):
-            recs = db.query_tuning_record(t.dispatched[0], tgt, name)
-            if recs is not None and recs.run_secs:
-                secs = [float(s) for s in recs.run_secs]
-                best = round(1e6 * sum(secs) / len(secs), 3)
+        b = round(best[h], 3) if h in best else None
         out.append({"name": name, "weight": int(t.weight), "workload_hash": h,
-                    "trials": counts.get(h, 0), "best_us": best})
+                    "trials": counts.get(h, 0), "best_us": b, **defaults.get(h, {})})
     return out

@@ -5,7 +5,10 @@ dispatch, ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps
 in the target scope), so workload hashes match, then ``MetaScheduleApplyDatabase`` replaces
 each fused PrimFunc that has a record for this target.  The records are loaded, validated and
 filtered by target into an in-memory database first: MetaSchedule itself would apply a record
-measured on another target without a word.
+measured on another target without a word.  A workload's records are dropped when the best of
+them is not faster than its default schedule as measured by ``tune`` (``meta.json``
+``default_us``, same builder and runner; see :mod:`attnforge.tuning_default`): MetaSchedule at
+small budgets often loses to our own rules, and the default pass then schedules that function.
 """
 
 from __future__ import annotations
@@ -68,14 +71,32 @@ def _has_blocks(func) -> bool:
 
 
 def _load(dirs: list[Path], tag: str):
-    """In-memory database of this target's records; counts of other targets' records."""
+    """In-memory database of this target's records that beat the default schedule.
+
+    Returns ``(db, other, n_used, tuned_names, cmp)``: ``other`` counts other targets' records
+    per workload hash, ``n_used`` this target's records (default-schedule seeds left out),
+    ``cmp`` maps a workload hash to ``{"tuned_us", "default_us", "rejected"}``
+    (``default_us`` ``None`` when no ``meta.json`` measured it).
+    """
     from tvm.s_tir import meta_schedule as ms
+
+    from .tuning_default import record_us, seed_shas, trace_sha
 
     db = ms.database.MemoryDatabase()
     other: dict[str, dict[str, int]] = {}  # workload hash -> {target tag: n}
     n_used, tuned_names = 0, {}
+    found: dict[str, list] = {}  # workload hash -> [(dir, workload, record json, us)]
+    defaults: dict[str, float] = {}
     for d in dirs:
         log = read_log(d)
+        meta = read_meta(d)
+        seeds = seed_shas(meta)
+        for t in meta.get("tasks", []):
+            h, us = t.get("workload_hash"), t.get("default_us")
+            if h:
+                tuned_names.setdefault(t["name"], set()).add(h)
+            if h and isinstance(us, (int, float)) and us > 0:  # slowest default: strictest
+                defaults[h] = max(defaults.get(h, 0.0), float(us))
         wls = []
         for i, w in enumerate(log.workloads):
             try:
@@ -85,23 +106,45 @@ def _load(dirs: list[Path], tag: str):
                                      f"workload #{i} does not load ({e}); it was written by "
                                      "another TVM version or is corrupt") from e
         for idx, rec in log.records:
+            if trace_sha(rec[0]) in seeds:  # the default schedule itself: never "tuned"
+                continue
             rtag = record_target_tag(log.record_target(rec))
             shash = log.workloads[idx][0]
             if rtag != tag:
                 other.setdefault(shash, {}).setdefault(rtag, 0)
                 other[shash][rtag] += 1
                 continue
+            found.setdefault(shash, []).append((d, wls[idx], rec, record_us(rec)))
+            n_used += 1
+    cmp: dict[str, dict] = {}
+    for shash, recs in found.items():
+        times = [us for *_, us in recs if us is not None]
+        best = min(times) if times else None
+        default = defaults.get(shash)
+        rejected = best is not None and default is not None and best >= default
+        cmp[shash] = {"tuned_us": None if best is None else round(best, 3),
+                      "default_us": default, "rejected": rejected}
+        if rejected:
+            continue
+        for d, wl, rec, _ in recs:
             try:
-                db.commit_workload(wls[idx].mod)
-                db.commit_tuning_record(ms.database.TuningRecord.from_json(rec, wls[idx]))
+                db.commit_workload(wl.mod)
+                db.commit_tuning_record(ms.database.TuningRecord.from_json(rec, wl))
             except Exception as e:
                 raise TuningLogError(f"tuning log {str(d / 'database_tuning_record.json')!r}: "
-                                     f"a record of workload #{idx} does not load ({e})") from e
-            n_used += 1
-        for t in read_meta(d).get("tasks", []):
-            if t.get("workload_hash"):
-                tuned_names.setdefault(t["name"], set()).add(t["workload_hash"])
-    return db, other, n_used, tuned_names
+                                     f"a record of workload {shash} does not load ({e})") from e
+    return db, other, n_used, tuned_names, cmp
+
+
+def _comparison_note(funcs: list[dict]) -> str:
+    tuned = [f for f in funcs if f["status"] == "tuned"]
+    blind = [f["name"] for f in tuned if not f.get("compared_to_default")]
+    if not blind:
+        return ("every applied record beat the default schedule's measured latency"
+                if tuned else "no record applied")
+    return (f"no comparison possible for {', '.join(blind)}: the log has no default-schedule "
+            "latency (meta.json default_us; re-run `attnforge tune` on it to measure); "
+            "applied without comparison")
 
 
 def apply_tuning_logs(mod: tvm.IRModule, target, path=None) -> tuple[tvm.IRModule, dict]:
@@ -117,6 +160,10 @@ def apply_tuning_logs(mod: tvm.IRModule, target, path=None) -> tuple[tvm.IRModul
         ``(module, report)``: the module legalized, fused and with tuned PrimFuncs replaced
         (marked ``tirx.is_scheduled``), ready for ``tvm.compile``; the report lists every
         fused PrimFunc as ``tuned`` or ``default`` with the reason, plus log-level counts.
+        A record is applied only when it beats the default schedule's latency measured by
+        ``tune`` (``meta.json`` ``default_us``); otherwise the function is ``default`` with
+        reason "tuned record slower than default schedule (X us vs Y us)".  Logs without
+        that latency are applied as before; ``report["default_comparison"]`` says so.
 
     Raises:
         TuningLogError: a missing, corrupt or truncated log (names the file and line).
@@ -134,12 +181,13 @@ def apply_tuning_logs(mod: tvm.IRModule, target, path=None) -> tuple[tvm.IRModul
 
         path = repo_log_root() / tag
     dirs = find_log_dirs(path)
-    db, other, n_used, tuned_names = _load(dirs, tag)
+    db, other, n_used, tuned_names, cmp = _load(dirs, tag)
     prepared = prepare_module(mod, tgt)
     with tgt, db, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase()(prepared)
 
     ours = {str(r.workload.as_json()[0]) for r in db.get_all_tuning_records()}
+    ours |= {h for h, c in cmp.items() if c["rejected"]}
     funcs, matched = [], set()
     for gv, func in prepared.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -150,12 +198,19 @@ def apply_tuning_logs(mod: tvm.IRModule, target, path=None) -> tuple[tvm.IRModul
         shash = workload_hash(func)
         entry = {"name": name, "workload_hash": shash}
         scheduled = new.attrs is not None and bool(new.attrs.get("tirx.is_scheduled", False))
+        c = cmp.get(shash, {})
+        entry["tuned_us"], entry["default_us"] = c.get("tuned_us"), c.get("default_us")
         if scheduled or not tvm_ffi.structural_equal(new, func):
             entry["status"], entry["reason"] = "tuned", None
+            entry["compared_to_default"] = c.get("default_us") is not None
             matched.add(shash)
         else:
             entry["status"] = "default"
-            if not _has_blocks(func):
+            if c.get("rejected"):
+                entry["reason"] = (f"tuned record slower than default schedule "
+                                   f"({c['tuned_us']:.1f} us vs {c['default_us']:.1f} us)")
+                matched.add(shash)
+            elif not _has_blocks(func):
                 entry["reason"] = "hand-written kernel (no schedulable blocks): not tunable"
             elif shash in other:
                 tags = ", ".join(sorted(other[shash]))
@@ -183,6 +238,9 @@ def apply_tuning_logs(mod: tvm.IRModule, target, path=None) -> tuple[tvm.IRModul
         "tuned": [f["name"] for f in funcs if f["status"] == "tuned"],
         "default_scheduled": [f["name"] for f in funcs if f["status"] == "default"],
         "unused_log_workloads": len(ours - matched),
+        "slower_than_default": [f["name"] for f in funcs if f["reason"]
+                                and f["reason"].startswith("tuned record slower")],
+        "default_comparison": _comparison_note(funcs),
     }
     if other_n:
         warnings.warn(f"tuning logs {report['logs']}: {other_n} record(s) are for "

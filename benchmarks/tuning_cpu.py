@@ -5,7 +5,8 @@
 2. Llama (hidden 512, 2 layers, 8 heads / 4 kv heads, seq 512, batch 1): attnforge untuned
    (compile_model as it is), attnforge with the CPU default schedules
    (``schedules.cpu_schedule``), attnforge tuned (MetaSchedule, ``--trials`` trials on the
-   matmul tasks by default (``--only``), logs applied, other functions default-scheduled),
+   matmul tasks by default (``--only``), logs applied where a record beat the task's default
+   schedule as measured by ``tune``, other functions default-scheduled),
    eager PyTorch and ``torch.compile``; plus the tuning wall time.  Times are min / median ms
    over interleaved runs (shared host); TVM and torch variants are timed in separate groups
    so one runtime's spinning thread pool does not starve the other.
@@ -181,6 +182,11 @@ def llama_case(quick: bool) -> dict:
             "tuning_wall_s": round(tune_s, 1), "tasks": len(res.tasks),
             "tuned_functions": len(report["tuned"]),
             "default_functions": len(report["default_scheduled"]),
+            "tuning_tasks": [{k: t.get(k) for k in ("name", "weight", "trials", "best_us",
+                                                    "default_us", "default_rule")}
+                             for t in res.tasks],
+            "rejected_slower_than_default": report.get("slower_than_default", []),
+            "default_comparison": report.get("default_comparison"),
             "log_dir": str(wdir.relative_to(ROOT)) if wdir.is_relative_to(ROOT) else str(wdir),
             "max_rel_err_tuned_vs_eager": err, "times": times, **rows}
 

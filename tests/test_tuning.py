@@ -1,5 +1,6 @@
-"""MetaSchedule tuning: a short real job (interrupted, then resumed), applying its log, and
-every bad input (corrupt / truncated / other-target log, changed IR, bad arguments, lock)."""
+"""MetaSchedule tuning: a short real job (interrupted, then resumed), applying its log only
+where it beats the measured default schedule, and every bad input (corrupt / truncated /
+other-target log, changed IR, bad arguments, lock)."""
 
 import json
 import os
@@ -68,12 +69,13 @@ def tuned(tmp_path_factory):
 
 def test_interrupt_keeps_records_and_rerun_resumes(tuned):
     wdir = tuned["dir"]
-    assert len(tuned["first"]) == 2
+    assert len(tuned["first"]) == 3  # the default-schedule seed + 2 trials
     assert tuned["meta1"]["status"] == "interrupted"
     assert not (wdir / ".tune.lock").exists()
     records = _lines(wdir / "database_tuning_record.json")
-    assert records[:2] == tuned["first"]  # nothing lost
-    assert len(records) == 4 and len(_lines(wdir / "database_workload.json")) == 1
+    assert records[:3] == tuned["first"]  # nothing lost
+    # 4 trials + 1 seed (measured once: the rerun did not seed again)
+    assert len(records) == 5 and len(_lines(wdir / "database_workload.json")) == 1
     res = tuned["result"]
     assert res.trials_run == 2 and res.trials_in_db == 4 and not res.interrupted
     meta = json.loads((wdir / "meta.json").read_text())
@@ -82,19 +84,107 @@ def test_interrupt_keeps_records_and_rerun_resumes(tuned):
     assert meta["target"]["kind"] == "llvm" and meta["trials_requested"] == 4
     (task,) = meta["tasks"]
     assert task["trials"] == 4 and task["best_us"] > 0
+    assert task["default_us"] > 0 and task["default_rule"] == "MatmulCPU"
+    assert task["default_error"] is None and len(task["default_trace_sha256"]) == 64
+    assert tuned["meta1"]["tasks"][0]["default_us"] == task["default_us"]  # not re-measured
     assert (wdir / "logs").is_dir()
     # A finished budget is a no-op.
     again = tune(*_model(), "llvm", trials=4, work_dir=wdir, progress=False)
-    assert again.trials_run == 0 and len(_lines(wdir / "database_tuning_record.json")) == 4
+    assert again.trials_run == 0 and len(_lines(wdir / "database_tuning_record.json")) == 5
 
 
-def test_apply_changes_tir_and_model_verifies(tuned):
+def _with_default(tuned, tmp_path, factor):
+    """Copy of the tuned log whose stored default latency is ``factor`` x the best record's
+    (``None``: no default latency, like a log written before defaults were measured)."""
+    d = tmp_path / f"default_x{factor}"
+    shutil.copytree(tuned["dir"], d)
+    meta = json.loads((d / "meta.json").read_text())
+    for t in meta["tasks"]:
+        if factor is None:
+            t.pop("default_us")
+        else:
+            t["default_us"] = t["best_us"] * factor
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.fixture
+def faster_log(tuned, tmp_path):
+    return _with_default(tuned, tmp_path, 10.0)  # the tuned record beats the default
+
+
+def test_seed_record_replays_default_schedule(tuned):
+    from tvm.s_tir import meta_schedule as ms
+
+    from attnforge.tuning_default import default_schedule, trace_sha
+
+    model, inputs = _model()
+    tgt = parse_target("llvm")
+    func = next(f for f in prepare_module(import_and_lower(model, inputs, tgt)[0], tgt)
+                .functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    (task,) = json.loads((tuned["dir"] / "meta.json").read_text())["tasks"]
+    seed = json.loads(_lines(tuned["dir"] / "database_tuning_record.json")[0])
+    assert trace_sha(seed[1][0]) == task["default_trace_sha256"]
+    wmod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    wl = ms.database.Workload(wmod)
+    sch = ms.database.TuningRecord.from_json(seed[1], wl).trace
+    replayed = tvm.s_tir.Schedule(wmod)
+    sch.apply_to_schedule(replayed, remove_postproc=False)
+    expected, rule = default_schedule(wmod["main"], tgt)
+    assert rule == "MatmulCPU"
+    tvm.ir.assert_structural_equal(replayed.mod, expected.mod)
+
+
+def test_slower_record_not_applied(tuned, tmp_path):
+    d = _with_default(tuned, tmp_path, 0.1)  # the default is 10x faster than the record
+    model, inputs = _model()
+    tgt = parse_target("llvm")
+    mod, _ = import_and_lower(model, inputs, tgt)
+    applied, report = apply_tuning_logs(mod, tgt, d)
+    (f,) = report["functions"]
+    assert f["status"] == "default" and not report["tuned"], report
+    assert f["reason"].startswith("tuned record slower than default schedule (")
+    assert f"{f['tuned_us']:.1f} us vs {f['default_us']:.1f} us" in f["reason"]
+    assert report["slower_than_default"] == [f["name"]]
+    assert report["records_for_target"] == 4 and report["unused_log_workloads"] == 0
+    tvm.ir.assert_structural_equal(applied[f["name"]], prepare_module(mod, tgt)[f["name"]])
+    # through compile_model: the default rules schedule it, output still verified
+    import attnforge
+
+    cm = attnforge.compile_model(model, inputs, tuning_logs=str(d))
+    assert not cm.report["tuning"]["tuned"] and cm.report["verification"]["passed"]
+
+
+def test_measured_comparison_is_consistent(tuned):
+    """On the real log, a record is applied iff it measured faster than the default."""
+    model, inputs = _model()
+    tgt = parse_target("llvm")
+    mod, _ = import_and_lower(model, inputs, tgt)
+    _, report = apply_tuning_logs(mod, tgt, tuned["dir"])
+    (f,) = report["functions"]
+    assert f["default_us"] > 0 and f["tuned_us"] > 0
+    assert (f["status"] == "tuned") == (f["tuned_us"] < f["default_us"]), f
+
+
+def test_log_without_default_applies_and_says_so(tuned, tmp_path):
+    d = _with_default(tuned, tmp_path, None)
+    mod, _ = import_and_lower(*_model(), parse_target("llvm"))
+    _, report = apply_tuning_logs(mod, "llvm", d)
+    (f,) = report["functions"]
+    assert f["status"] == "tuned" and f["compared_to_default"] is False
+    assert "no comparison possible" in report["default_comparison"]
+
+
+def test_apply_changes_tir_and_model_verifies(faster_log):
     model, inputs = _model()
     tgt = parse_target("llvm")
     mod, _ = import_and_lower(model, inputs, tgt)
     untuned = prepare_module(mod, tgt)
-    applied, report = apply_tuning_logs(mod, tgt, tuned["dir"])
+    applied, report = apply_tuning_logs(mod, tgt, faster_log)
     assert report["tuned"] and not report["default_scheduled"], report
+    (f,) = report["functions"]
+    assert f["compared_to_default"] and f["tuned_us"] < f["default_us"]
+    assert "beat the default" in report["default_comparison"]
     name = report["tuned"][0]
     with pytest.raises(ValueError):
         tvm.ir.assert_structural_equal(applied[name], untuned[name])
@@ -107,11 +197,11 @@ def test_apply_changes_tir_and_model_verifies(tuned):
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_compile_model_applies_tuning_logs(tuned):
+def test_compile_model_applies_tuning_logs(faster_log):
     import attnforge
 
     model, inputs = _model()
-    cm = attnforge.compile_model(model, inputs, tuning_logs=str(tuned["dir"]))
+    cm = attnforge.compile_model(model, inputs, tuning_logs=str(faster_log))
     rep = cm.report["tuning"]
     assert rep["tuned"] and cm.report["verification"]["passed"]
     default = attnforge.compile_model(model, inputs)

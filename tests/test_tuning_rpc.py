@@ -93,6 +93,7 @@ def test_rpc_tune_two_servers(rpc_cluster, tmp_path):
                num_trials_per_iter=2, progress=False, seed=0)
     assert res.runner["servers"] == 2 and res.trials_in_db == 2
     assert res.tasks[0]["best_us"] is not None  # measured remotely
+    assert res.tasks[0]["default_us"] is not None  # the default schedule too, same runner
 
 
 @pytest.mark.slow
