@@ -314,6 +314,7 @@ class AnalyzeAttentionMask:
     """Annotate attention functions with their mask structure (module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = mod.clone()  # functions are replaced below: never mutate the caller's module
         per_caller: dict = {}
         for caller, callee, call, var in ir.iter_sites(mod):
             per_caller.setdefault(caller, []).append((callee, call, var))

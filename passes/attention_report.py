@@ -25,7 +25,9 @@ def attention_report(mod, block_q: int = 64, block_kv: int = 64) -> list[dict]:
     (``"attnforge.fused_attention_cpu"`` or None), ``reason``, ``mask`` (``MaskSpec.describe()``),
     ``mask_kind``, ``mask_input``, ``empty_rows``, ``mask_note``, ``scale``, ``gqa_groups``,
     ``layout``, ``shape`` (batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim,
-    dtype), ``block`` ([bq, bk]) and ``visited_fraction`` (None until lowered).
+    dtype), ``block`` ([bq, bk]), ``sparsity`` (the inserted policy or None),
+    ``sparsity_changed`` (True when it changed the model's function) and ``visited_fraction``
+    (None until lowered).
     """
     if mod.attrs is not None and ir.M_SITES in mod.attrs:
         return [dict(e) for e in ir.to_py(mod.attrs[ir.M_SITES])]

@@ -138,6 +138,8 @@ class _Plan:
                       "dtype": self.io_dtype},
             "compute_dtype": self.dtype,
             "block": self.block,
+            "sparsity": ir.attr(self.func, "attnforge.sparsity"),
+            "sparsity_changed": bool(ir.attr(self.func, "attnforge.sparsity_changed", False)),
             "visited_fraction": None if bm is None else round(bm.visited_fraction, 6),
         }
 

@@ -12,21 +12,23 @@ from tvm import relax
 
 from .analyze_attention_mask import AnalyzeAttentionMask
 from .fuse_attention import FuseAttention
+from .insert_sparsity import InsertSparsity
 from .lower_attention import LowerAttentionToTIR
 
 __all__ = ["attention_pipeline"]
 
 
 def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64,
-                       compute_dtype: str | None = None,
-                       mixed_precision: bool = False) -> tvm.transform.Pass:
+                       compute_dtype: str | None = None, mixed_precision: bool = False,
+                       sparsity=None) -> tvm.transform.Pass:
     """Flat ``Sequential``: FuseAttention -> AnalyzeAttentionMask -> [AMP] -> LowerAttentionToTIR.
 
     ``block_q`` None picks the target's default (64 on llvm, 128 on cuda); ``compute_dtype``
     runs the kernels in that dtype (e.g. ``"float16"``), casting around them;
     ``mixed_precision`` runs TVM's ``ToMixedPrecision`` (fp16 matmuls, fp32 accumulation) on
     the rest of the graph.  AMP must run before lowering: it rejects modules holding
-    ``call_tir`` to PrimFuncs ("Expected TensorType, but got R.Callable").
+    ``call_tir`` to PrimFuncs ("Expected TensorType, but got R.Callable").  ``sparsity`` is a
+    policy (``attnforge.sparsity``) ANDed into every site's mask.
     """
     return tvm.transform.Sequential(
         [
@@ -34,6 +36,8 @@ def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64
             FuseAttention(),
             # Phase 2: fold compile-time masks into MaskSpecs (causal, window, chunked, ...).
             AnalyzeAttentionMask(),
+            # Optional: the user's sparsity policy ANDed into each site's mask.
+            InsertSparsity(sparsity) if sparsity is not None else tvm.transform.Sequential([]),
             # Optional: TVM's automatic mixed precision on everything but attention.
             tvm.transform.Sequential([relax.transform.ToMixedPrecision(out_dtype="float32"),
                                       relax.transform.FoldConstant()])
