@@ -21,7 +21,7 @@ from .target import can_run_here, host_target, is_cuda, parse_target, target_tag
 from .verify import TOLERANCES, compare, raise_if_failed
 
 
-PRECISIONS = ("float32", "float16", "bfloat16")
+PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 
 
 def _attention_dtype(target: tvm.target.Target, precision: str) -> str | None:
@@ -139,6 +139,8 @@ def compile_model(
     tuning_logs: str | None = None,
     sparsity=None,
     rtol: float | None = None,
+    calibration_data=None,
+    int8_exclude=("lm_head",),
 ) -> CompiledModel:
     """Compile a PyTorch model with TVM, attention fused into attnforge's kernels.
 
@@ -165,6 +167,12 @@ def compile_model(
             it changes the model's function, the comparison with dense eager is reported but
             not enforced; measure the change with ``attnforge.sparsity.evaluate``.
         rtol: verification tolerance (default by precision: fp32 1e-4, fp16 2e-2, bf16 5e-2).
+        calibration_data: for ``precision="int8"`` (llvm with AVX-512 VNNI only): a non-empty
+            list of input tuples like ``example_inputs``; activation ranges (min/max) come
+            from running the fp32 module on them. Every ``nn.Linear`` becomes a u8 x s8 VNNI
+            matmul (per-channel weight scales, per-tensor activation scale / zero point).
+        int8_exclude: ``nn.Linear`` module names or matmul indices kept in fp32 (default: the
+            LM head).
 
     Returns:
         A :class:`CompiledModel`; ``cm.report`` holds the attention sites and verification.
@@ -174,6 +182,13 @@ def compile_model(
     tgt = parse_target(target)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
+    if precision == "int8":
+        from .quantization import check_int8_target
+
+        check_int8_target(tgt)
+        if not calibration_data:
+            raise ValueError("precision='int8' needs calibration_data: a non-empty list of "
+                             "input tuples like example_inputs")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -186,6 +201,12 @@ def compile_model(
     t0 = time.perf_counter()
     mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision, sparsity)
     timings["passes"] = time.perf_counter() - t0
+    if precision == "int8":
+        from .quantization import quantize_int8
+
+        t0 = time.perf_counter()
+        mod = quantize_int8(mod, list(calibration_data), tgt, exclude=int8_exclude, model=model)
+        timings["quantize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mod, schedules, tuning = _schedule(mod, tgt, tuning_logs)
     executable = _build(mod, tgt)
