@@ -30,3 +30,29 @@ def check_dims(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int) -> 
                     ("kv_len", Nk), ("head_dim", D), ("v_head_dim", Dv)):
         check(v > 0, f"{name} must be positive, got {v}")
     check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
+
+
+def attention_prim_func(macro, dtype: str, shapes: tuple, Hm: int, nqb: int, W: int,
+                        mask_shape: tuple | None = None, mask_dtype: str | None = None):
+    """The kernels' shared signature around their body ``macro``: ``(Q, K, V, kv_num_blocks,
+    kv_indices, kv_is_full[, mask], O)``; ``shapes`` = (Q, K, V, O) shapes."""
+    from tvm.script import tirx as T
+
+    qs, ks, vs, os_ = shapes
+    if mask_shape is not None:
+        @T.prim_func(private=True)
+        def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
+                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
+                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
+                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"),
+                 mask: T.Buffer(mask_shape, mask_dtype), O: T.Buffer(os_, dtype)):
+            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, mask, O)
+    else:
+        @T.prim_func(private=True)
+        def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
+                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
+                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
+                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"), O: T.Buffer(os_, dtype)):
+            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, None, O)
+
+    return func

@@ -40,7 +40,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .attention_args import check, check_dims, check_mask_shape
+from .attention_args import attention_prim_func, check, check_dims, check_mask_shape
 from .attention_cpu_exp import exp2_poly
 from .block_mask import BlockMask, MaskSpec
 
@@ -319,21 +319,6 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                             O[b, h, q0 + i, d] = T.Cast(dtype, OT[d, i] / lsum[i])
 
     macro = T.macro(body, hygienic=True)
-    qs, ks, vs, os_ = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
-    if has_tensor:
-        @T.prim_func(private=True)
-        def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
-                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
-                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
-                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"),
-                 mask: T.Buffer(mshape, mdt), O: T.Buffer(os_, dtype)):
-            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, mask, O)
-    else:
-        @T.prim_func(private=True)
-        def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
-                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
-                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
-                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"), O: T.Buffer(os_, dtype)):
-            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, None, O)
-
-    return func
+    shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
+    return attention_prim_func(macro, dtype, shapes, Hm, nqb, W,
+                               mshape if has_tensor else None, mdt if has_tensor else None)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .attention_args import check, check_dims, check_mask_shape
+from .attention_args import attention_prim_func, check, check_dims, check_mask_shape
 from .attention_cuda_ptx import Ops
 from .block_mask import BlockMask, MaskSpec
 
@@ -389,21 +389,6 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshap
                                 dt, oacc[rg(tx, i)] * al[rg(tx, ost(i))])
 
     macro = T.macro(body, hygienic=True)
-    qs, ks_, vs, os_ = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
-    if has_tensor:
-        @T.prim_func(private=True)
-        def func(Q: T.Buffer(qs, dt), K: T.Buffer(ks_, dt), V: T.Buffer(vs, dt),
-                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
-                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
-                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"),
-                 mask: T.Buffer(mshape, mdt), O: T.Buffer(os_, dt)):
-            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, mask, O)
-    else:
-        @T.prim_func(private=True)
-        def func(Q: T.Buffer(qs, dt), K: T.Buffer(ks_, dt), V: T.Buffer(vs, dt),
-                 kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
-                 kv_indices: T.Buffer((Hm, nqb, W), "int32"),
-                 kv_is_full: T.Buffer((Hm, nqb, W), "int32"), O: T.Buffer(os_, dt)):
-            macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, None, O)
-
-    return func
+    shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
+    return attention_prim_func(macro, dt, shapes, Hm, nqb, W,
+                               mshape if has_tensor else None, mdt if has_tensor else None)
