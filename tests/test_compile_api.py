@@ -111,3 +111,21 @@ def test_near_miss_is_left_alone_and_reported():
     (entry,) = cm.report["attention"]
     assert entry["fused"] is False and "axis" in entry["reason"], entry
     torch.testing.assert_close(cm(q, k, v), WrongAxis()(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_sequence_length_runs_other_lengths():
+    from torch.export import Dim
+
+    from attnforge.models import build_hf_model
+
+    model, inputs = build_hf_model("bert", batch=1, seq_len=64)
+    cm = attnforge.compile_model(
+        model, inputs, dynamic_shapes={"input_ids": {1: Dim("seq", min=3, max=128)}})
+    assert cm.input_specs[0]["shape"] == [1, "seq"]
+    for n in (37, 100):
+        ids = torch.randint(0, 1000, (1, n))
+        with torch.no_grad():
+            ref = model(ids).last_hidden_state
+        torch.testing.assert_close(cm(ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="dim 0 must be 1"):
+        cm(torch.randint(0, 1000, (2, 40)))
