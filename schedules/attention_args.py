@@ -56,3 +56,22 @@ def attention_prim_func(macro, dtype: str, shapes: tuple, Hm: int, nqb: int, W: 
             macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, None, O)
 
     return func
+
+
+def element_allowed(spec, structured: bool, q, k, Nk: int, k_tail: bool):
+    """TIR form of ``MaskSpec.allowed`` for structured masks, plus the ragged kv tail
+    (``k < Nk`` when the last kv block is partial): the element rule of both kernels."""
+    from tvm import tirx
+
+    cond = tirx.const(True, "bool")
+    if structured:
+        qo = q + spec.q_offset
+        if spec.min_diff is not None:
+            cond = tirx.all(cond, qo - k >= spec.min_diff)
+        if spec.max_diff is not None:
+            cond = tirx.all(cond, qo - k <= spec.max_diff)
+        if spec.chunk is not None:
+            cond = tirx.all(cond, tirx.floordiv(qo, spec.chunk) == tirx.floordiv(k, spec.chunk))
+    if k_tail:
+        cond = tirx.all(cond, k < Nk)
+    return cond

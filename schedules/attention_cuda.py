@@ -37,7 +37,13 @@ from collections.abc import Sequence
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .attention_args import attention_prim_func, check, check_dims, check_mask_shape
+from .attention_args import (
+    attention_prim_func,
+    check,
+    check_dims,
+    check_mask_shape,
+    element_allowed,
+)
 from .attention_cuda_ptx import Ops
 from .block_mask import BlockMask, MaskSpec
 
@@ -204,19 +210,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshap
     sscope = "global" if emu else "shared.dyn"
 
     def allowed(q, k):
-        cond = tirx.const(True, "bool")
-        if structured:
-            qo = q + spec.q_offset
-            if spec.min_diff is not None:
-                cond = tirx.all(cond, qo - k >= spec.min_diff)
-            if spec.max_diff is not None:
-                cond = tirx.all(cond, qo - k <= spec.max_diff)
-            if spec.chunk is not None:
-                cond = tirx.all(cond, tirx.floordiv(qo, spec.chunk)
-                                == tirx.floordiv(k, spec.chunk))
-        if k_tail:
-            cond = tirx.all(cond, k < Nk)
-        return cond
+        return element_allowed(spec, structured, q, k, Nk, k_tail)
 
     def mindex(b, h, q, k):
         idx = [b if mpad[0] > 1 else 0, h if mpad[1] > 1 else 0,

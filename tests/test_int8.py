@@ -9,6 +9,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from attnforge.target import host_target
 from attnforge.quantization import (
     calibrate,
     check_int8_target,
@@ -17,7 +18,7 @@ from attnforge.quantization import (
     site_names,
 )
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+TARGET = host_target()
 
 
 def _has_vnni() -> bool:

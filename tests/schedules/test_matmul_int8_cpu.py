@@ -5,6 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 import tvm
+from attnforge.target import host_target
 from attnforge.schedules.matmul_int8_cpu import (
     fold_dequant,
     int8_matmul_func,
@@ -13,7 +14,7 @@ from attnforge.schedules.matmul_int8_cpu import (
     packed_shape,
 )
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+TARGET = host_target()
 
 
 def _has_vnni() -> bool:
