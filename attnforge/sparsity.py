@@ -11,6 +11,7 @@ self-attention); ``BlockSparse``, ``BigBird`` and ``MaskMod`` use raw indices, a
 >>> policy = Layers({0: SlidingWindow(128)})                    # layer 0 only
 >>> policy = BlockLocal(512).on_layers([0, 2])                  # local / global alternate
 >>> policy = MaskMod(lambda b, h, q, k: (q - k).abs() < 64)     # FlexAttention-style
+>>> policy = Dispatch(512, long=SlidingWindow(256))  # dense below 512 keys, window above
 
 ``evaluate(model, policy, inputs)`` measures what a policy does to a model's outputs.
 """
@@ -24,7 +25,8 @@ import numpy as np
 from .passes.insert_sparsity import intersect_specs, simplify_static
 from .schedules.block_mask import MaskSpec
 
-__all__ = ["And", "BigBird", "BlockLocal", "BlockSparse", "Layers", "Longformer", "MaskMod",
+__all__ = ["And", "BigBird", "BlockLocal", "BlockSparse", "Dispatch", "Layers", "Longformer",
+           "MaskMod",
            "Or", "Policy", "SlidingWindow", "and_masks", "evaluate", "or_masks"]
 
 
@@ -345,6 +347,35 @@ class Layers(Policy):
     def describe(self):
         return "Layers({" + ", ".join(f"{k}: {p.describe()}"
                                       for k, p in sorted(self.per_layer.items())) + "})"
+
+
+class Dispatch(Policy):
+    """Length-based dispatch: ``short`` below ``threshold`` keys (None: the model's own mask,
+    dense), ``long`` at or above it.  Compiled with ``dynamic_shapes=`` (a symbolic sequence
+    length) it is ONE kernel that chooses at run time, also after ``cm.export`` /
+    ``attnforge.load``; both sides must be structured (``SlidingWindow``, ``BlockLocal``, their
+    ``&``), since static layouts (``BigBird``, ``BlockSparse``, ...) need a known length.
+    With static shapes the side is picked at compile time (the report says so)."""
+
+    def __init__(self, threshold: int = 512, short: Policy | None = None,
+                 long: Policy | None = None):
+        self.dispatch_threshold = _positive_int("threshold", threshold)
+        long = SlidingWindow(256) if long is None else long
+        for name, p in (("short", short), ("long", long)):
+            if p is not None and not isinstance(p, Policy):
+                raise TypeError(f"Dispatch: {name}={p!r} is not a sparsity policy")
+            if isinstance(p, Dispatch):
+                raise TypeError(f"Dispatch: {name} cannot itself be a Dispatch")
+        self.short_policy, self.long_policy = short, long
+
+    def _spec(self, q_len, kv_len, num_heads, layer):
+        side = self.long_policy if kv_len >= self.dispatch_threshold else self.short_policy
+        return None if side is None else side.mask_spec(q_len, kv_len, num_heads, layer)
+
+    def describe(self):
+        short = "model's own mask" if self.short_policy is None else self.short_policy.describe()
+        return (f"Dispatch(threshold={self.dispatch_threshold}, short={short}, "
+                f"long={self.long_policy.describe()})")
 
 
 def evaluate(model, policy: Policy, inputs, **kwargs) -> dict:

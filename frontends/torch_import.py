@@ -17,6 +17,7 @@ from torch import fx
 from .decompose import decompose
 from .dim_names import dim_names, rename_shape_vars
 from .errors import FrontendError, module_path
+from .flex_attention import prepare_flex_attention
 from .output_desc import describe_treespec
 from .translate import ConvertFn, translate
 
@@ -148,6 +149,7 @@ def import_torch_model(
     except Exception as e:
         raise FrontendError(f"decomposing the exported program to Core ATen failed: "
                             f"{type(e).__name__}: {str(e)[:1500]}") from e
+    custom_convert_map = {**prepare_flex_attention(ep), **(custom_convert_map or {})}
     mod = translate(ep, custom_convert_map, strict_dtypes)
     with contextlib.suppress(Exception):  # cosmetic: Dim("seq") -> "seq", not torch's "s27"
         mod = rename_shape_vars(mod, dim_names(ep, model, args, kwargs, dynamic_shapes))

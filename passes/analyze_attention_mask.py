@@ -24,7 +24,8 @@ What it does
     ``attnforge.mask_const``, ``attnforge.empty_rows`` (``zero``/``nan``) and
     ``attnforge.mask_note``.  A function shared by calls whose masks differ is cloned.
 
-Preconditions: ``FuseAttention`` has run; static shapes.
+Preconditions: ``FuseAttention`` has run.  Symbolic lengths: a constant mask is evaluated at
+sample lengths and kept structured when every sample agrees (:mod:`._symbolic_mask_eval`).
 Place in the pipeline: between ``FuseAttention`` and ``LowerAttentionToTIR``.
 """
 
@@ -39,6 +40,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..schedules.block_mask import MaskSpec
 from . import _attention_ir as ir
+from ._symbolic_mask_eval import (
+    evaluate_at_samples,
+    sample_lengths,
+    sample_values,
+    substitute_dim,
+)
+from ._symbolic_shape import is_symbolic, shape_exprs
 
 __all__ = ["AnalyzeAttentionMask", "classify_bool_mask", "spec_from_attrs", "spec_to_attrs"]
 
@@ -106,6 +114,8 @@ def _depends_on_params(func, var2val, expr, memo) -> bool:
     if isinstance(expr, tvm.ir.expr.Constant) or not isinstance(expr, relax.Expr):
         return False
     if isinstance(expr, relax.Var):
+        if isinstance(expr.ty, tvm.ir.PrimType) and not any(p.same_as(expr) for p in func.params):
+            return False  # a symbolic dim (defined by the shapes), not run-time data
         if expr in memo:
             return memo[expr]
         val = var2val.get(expr)
@@ -182,8 +192,10 @@ class _Site:
         self.safe = ir.attr(func, ir.A_SAFE_SOFTMAX, False)
         self.layout = ir.attr(func, ir.A_LAYOUT, "BHND")
         q, k = call.args[0], call.args[1]
-        qs, ks = ir.static_shape(q), ir.static_shape(k)
-        self.nq, self.nk = qs[-2], ks[-2]
+        qs, ks = shape_exprs(q), shape_exprs(k)
+        self.symbolic = is_symbolic(q) or is_symbolic(k)
+        self.nq_expr, self.nk_expr = qs[-2], ks[-2]  # PrimExprs (symbolic sites)
+        self.nq, self.nk = (None, None) if self.symbolic else (int(qs[-2]), int(ks[-2]))
         self.mask = call.args[3] if len(call.args) > 3 else None
         self.empty = "zero" if self.safe else "nan"
         self.static_val = None  # evaluated mask (bool keep-mask or additive values)
@@ -293,6 +305,8 @@ def _analyze_caller(mod, func, sites) -> list:
         for part in _conjuncts(var2val, expr):
             if not _depends_on_params(func, var2val, part, memo):
                 pending.append((s, part, True))
+    if any(s.symbolic for s in sites):
+        return _analyze_symbolic(func, sites, pending)
     try:
         values = _evaluate(func, [e for _, e, _ in pending]) if pending else []
     except Exception as e:  # noqa: BLE001 - an unbuildable mask graph stays dynamic
@@ -307,6 +321,63 @@ def _analyze_caller(mod, func, sites) -> list:
         else:
             s.static_val = val
     return [s.result() for s in sites]
+
+
+def _analyze_symbolic(func, sites, pending) -> list:
+    """Sites with a symbolic length: evaluate the constant masks at sample lengths and keep a
+    structure only when every sample gives the same one (:mod:`._symbolic_mask_eval`)."""
+    lengths = sample_lengths(func)
+    try:
+        per_len, values = (evaluate_at_samples(func, [e for _, e, _ in pending], lengths)
+                           if pending else ([[]] * len(lengths), sample_values(func, lengths)))
+    except Exception as e:  # noqa: BLE001 - an unbuildable mask graph stays dynamic
+        per_len, values = None, None
+        for s in sites:
+            s.eval_error = f"{type(e).__name__}: {str(e)[:200]}"
+    if per_len is None:
+        return [_symbolic_fallback(s, s.result() if not s.symbolic else None) for s in sites]
+    results: list = [[] for _ in sites]
+    for arrays, vals in zip(per_len, values):
+        for s in sites:
+            s.static_val, s.static_parts = None, []
+            if s.symbolic:
+                s.nq, s.nk = substitute_dim(s.nq_expr, vals), substitute_dim(s.nk_expr, vals)
+        for (s, _, is_part), val in zip(pending, arrays):
+            if is_part:
+                s.static_parts.append(val)
+            else:
+                s.static_val = val
+        for i, s in enumerate(sites):
+            results[i].append(s.result())
+    out = []
+    for s, res in zip(sites, results):
+        if not s.symbolic:
+            out.append(res[0])
+            continue
+        s.nq, s.nk = None, None
+        first = res[0]
+        same = all(_same(first, r) for r in res[1:])
+        if same and ir.A_MASK_CONST not in first and ir.A_STATIC_MASK not in first:
+            if s.kind != "none":
+                first[ir.A_MASK_NOTE] += (f"; symbolic length: the same structure at the "
+                                          f"sampled lengths {lengths}")
+            out.append(first)
+        else:
+            why = ("its structure differs across the sampled lengths " + str(lengths)
+                   if not same else "it has no structured form (static or constant tensor)")
+            out.append(_symbolic_fallback(s, None, why))
+    return out
+
+
+def _symbolic_fallback(s, res, why: str | None = None) -> dict:
+    """A symbolic-length site whose mask could not be summarised: a run-time mask tensor."""
+    if res is not None:
+        return res
+    note = f"{s.kind} mask of a symbolic-length site kept as a run-time tensor"
+    if why or s.eval_error:
+        note += f" ({why or 'evaluating it failed: ' + s.eval_error})"
+    mask_input = s.kind if not (s.kind == "bool" and not s._neg_inf_fill()) else "additive"
+    return s._done(MaskSpec.dynamic(), mask_input, note)
 
 
 @tvm.transform.module_pass(opt_level=0, name="AnalyzeAttentionMask")

@@ -27,15 +27,16 @@ def attention_report(mod, block_q: int = 64, block_kv: int = 64) -> list[dict]:
     ``layout``, ``shape`` (batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim,
     dtype), ``block`` ([bq, bk]), ``sparsity`` (the inserted policy or None),
     ``sparsity_changed`` (True when it changed the model's function) and ``visited_fraction``
-    (None until lowered).
+    (None until lowered).  Sites imported from ``flex_attention`` also have ``source_op``
+    (``"flex_attention"``), ``mask_mod`` and ``score_mod`` (the ATen ops each one uses).
     """
     if mod.attrs is not None and ir.M_SITES in mod.attrs:
         return [dict(e) for e in ir.to_py(mod.attrs[ir.M_SITES])]
-    from .lower_attention import _Plan
+    from .lower_attention import make_plan
 
     out = []
     for i, (caller, callee, call, var) in enumerate(ir.iter_sites(mod)):
-        plan = _Plan(mod[callee], call, block_q, block_kv)
+        plan = make_plan(mod[callee], call, block_q, block_kv)
         plan.reason = "not lowered yet"
         out.append(plan.entry(i, caller.name_hint, var.name))
     return out

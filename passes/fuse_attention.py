@@ -25,7 +25,8 @@ Anything else is left untouched; a softmax next to a matmul that does not match 
 with the reason in the module attr ``attnforge.attention_rejections`` (see
 :func:`attnforge.passes.attention_report.attention_rejections`).
 
-Preconditions: Relax as imported (before ``LegalizeOps``), static shapes.
+Preconditions: Relax as imported (before ``LegalizeOps``); static or symbolic shapes
+(symbolic dims compare by proof, :mod:`._symbolic_shape`).
 Place in the pipeline: first of the attention passes (then ``AnalyzeAttentionMask``,
 ``LowerAttentionToTIR``).
 """
@@ -40,6 +41,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import _attention_ir as ir
+from ._symbolic_shape import shape_dims  # static dims: ints, symbolic: SymDim
 
 __all__ = ["FuseAttention"]
 
@@ -98,7 +100,7 @@ class _Matcher:
             if name is None:
                 break
             arg = c.args[0]
-            in_shape, out_shape = ir.static_shape(arg), ir.static_shape(e)
+            in_shape, out_shape = shape_dims(arg), shape_dims(e)
             if in_shape is None or out_shape is None:
                 raise _Reject(f"{name} on {e.name}: dynamic shapes are not supported")
             is_view = (name == "relax.broadcast_to" and in_shape == out_shape) or (
@@ -156,10 +158,10 @@ class _Matcher:
         if bc is None:
             return None
         ex = self.call(bc.args[0], "relax.expand_dims")
-        shape = ir.static_shape(e)
+        shape = shape_dims(e)
         if ex is None or shape is None or len(shape) != 5:
             return None
-        if [int(a) for a in ex.attrs.axis] != [2] or ir.static_shape(bc.args[0])[2] != 1:
+        if [int(a) for a in ex.attrs.axis] != [2] or shape_dims(bc.args[0])[2] != 1:
             return None
         return ex.args[0], shape[2]
 
@@ -171,7 +173,7 @@ class _Matcher:
         near_matmul = self._near_matmul(x, sm_var)
         if axis not in (-1, ndim - 1):
             raise _Reject(f"softmax over axis {axis}, not the last (key) axis", near_matmul)
-        if ndim not in (3, 4) or ir.static_shape(x) is None:
+        if ndim not in (3, 4) or shape_dims(x) is None:
             raise _Reject(f"scores must be 3-D or 4-D with static shape, got {x.ty}", near_matmul)
         site = _Site(root=sm_var, inputs=[])
         site.body.add(sm_var)
@@ -206,9 +208,9 @@ class _Matcher:
         root = pv_var
         nxt = self.only_user(pv_var)
         nc = self.call(nxt, "relax.reshape") if nxt is not None else None
-        if nc is not None and ndim == 4 and len(ir.static_shape(pv_var)) == 3:
-            o_shape = ir.static_shape(pv_var)
-            if ir.static_shape(nxt) == ir.static_shape(x)[:2] + o_shape[1:]:
+        if nc is not None and ndim == 4 and len(shape_dims(pv_var)) == 3:
+            o_shape = shape_dims(pv_var)
+            if shape_dims(nxt) == shape_dims(x)[:2] + o_shape[1:]:
                 site.body.add(nxt)
                 root = nxt
         site.exclusive.add(pv_var)
@@ -265,7 +267,7 @@ class _Matcher:
                     e = c.args[1]
                     continue
                 raise _Reject(f"{name} of the scores by a non-scalar")
-            if name == "relax.reshape" and len(ir.static_shape(c.args[0])) == 3:
+            if name == "relax.reshape" and len(shape_dims(c.args[0])) == 3:
                 e = c.args[0]
                 continue
             if name == "relax.matmul":
@@ -295,7 +297,7 @@ class _Matcher:
         return site
 
     def _check_shapes(self, q, k, v, x, groups) -> str:
-        qs, ks, vs, xs = (ir.static_shape(t) for t in (q, k, v, x))
+        qs, ks, vs, xs = (shape_dims(t) for t in (q, k, v, x))
         if None in (qs, ks, vs):
             raise _Reject("Q, K, V need static shapes")
         if not len(qs) == len(ks) == len(vs) or len(qs) not in (3, 4):
@@ -312,7 +314,7 @@ class _Matcher:
         return "BHND" if len(qs) == 4 else "BND"
 
     def _view_ok(self, src, dst) -> bool:
-        a, b = ir.static_shape(src), ir.static_shape(dst)
+        a, b = shape_dims(src), shape_dims(dst)
         return a is not None and b is not None and (a == b or self._is_fold(a, b))
 
     def _leads_to_matmul(self, e, depth: int = 6) -> bool:
@@ -413,7 +415,10 @@ def _outline(func: relax.Function, site: _Site) -> relax.Function:
                 subst.mapping[b.var] = emit(subst.visit_expr(val), name_hint=b.var.name)
             out = subst.mapping[site.root]
         bb.emit_func_output(out)
-    return bb.get()["attention"]
+    out = bb.get()["attention"]
+    if relax.analysis.free_symbolic_vars(out) or relax.analysis.defined_symbolic_vars(out):
+        out = relax.utils.copy_with_new_vars(out)  # own symbolic vars (well-formed module)
+    return out
 
 
 def _replace_arg(call, target, repl):
@@ -450,6 +455,8 @@ def _check_site(m: _Matcher, func, site: _Site) -> None:
         for b in blk.bindings:
             if b.var in site.body:
                 for fv in relax.analysis.free_vars(b.value):
+                    if isinstance(fv.ty, tvm.ir.PrimType):  # a symbolic dim (tir var)
+                        continue
                     if fv not in site.body and fv not in inputs:
                         raise _Reject(f"{b.var.name} uses {fv.name}, which is not an input")
 

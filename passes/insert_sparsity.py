@@ -19,15 +19,20 @@ What it does
     visited block; the policy becomes the block structure when the combination is structured
     (the encoding ``AnalyzeAttentionMask`` uses for ``static & dynamic``).  A compile-time
     mask tensor (``attnforge.mask_const``) is combined with a static policy element-wise (no
-    block skipping then).  A static policy with a run-time mask is rejected with a clear error.
+    block skipping then).  A static policy with a run-time boolean (or ``-inf``) mask keeps
+    the static layout for block skipping and marks the site ``attnforge.runtime_and_static``:
+    the lowering ANDs the two masks into the kernel's tensor
+    (:mod:`.lower_attention_static_runtime`); with a finite additive run-time mask it is
+    rejected with a clear error.
 
     A policy is any object with ``mask_spec(q_len, kv_len, num_heads, layer)`` and
     ``describe()`` (``attnforge.sparsity`` has the built-in ones); this module does not
     import ``attnforge``.  When the policy has ``layer_indices`` (a set of ints), naming a
     layer beyond the model's sites is an error.
 
-Preconditions: ``FuseAttention`` and ``AnalyzeAttentionMask`` have run; static shapes (a site
-with symbolic shapes is left alone and says so in its note).
+Preconditions: ``FuseAttention`` and ``AnalyzeAttentionMask`` have run.  Sites with a symbolic
+sequence length and length dispatch (``Dispatch``) are handled by
+:mod:`.insert_sparsity_symbolic` (structured policies only; others are refused clearly).
 Place in the pipeline: between ``AnalyzeAttentionMask`` and ``LowerAttentionToTIR``.
 """
 
@@ -48,12 +53,14 @@ from .analyze_attention_mask import (
     spec_from_attrs,
     spec_to_attrs,
 )
+from .insert_sparsity_symbolic import symbolic_site_attrs
 
 __all__ = ["A_SPARSITY", "A_SPARSITY_CHANGED", "InsertSparsity", "SparsityPolicy",
            "intersect_specs", "simplify_static"]
 
 A_SPARSITY = "attnforge.sparsity"  # str: describe() of the policy applied to the site
 A_SPARSITY_CHANGED = "attnforge.sparsity_changed"  # bool: the site computes something new
+A_RUNTIME_AND_STATIC = "attnforge.runtime_and_static"  # bool: run-time mask & static layout
 _CLASSIFY_MAX = 1 << 22  # elements: larger static results are not re-classified
 
 
@@ -130,7 +137,7 @@ class _SiteRewrite:
     """New attrs of one site under the policy (None: leave it as it is)."""
 
     def __init__(self, func, call, policy, layer: int):
-        self.func, self.policy, self.layer = func, policy, layer
+        self.func, self.policy, self.layer, self.call = func, policy, layer, call
         q, k = ir.static_shape(call.args[0]), ir.static_shape(call.args[1])
         self.shapes_known = q is not None and k is not None
         if self.shapes_known:
@@ -139,9 +146,14 @@ class _SiteRewrite:
 
     def attrs(self) -> dict | None:
         desc = self.policy.describe()
-        if not self.shapes_known:
-            note = ir.attr(self.func, ir.A_MASK_NOTE, "")
-            return {ir.A_MASK_NOTE: f"{note}; sparsity policy {desc} not applied: symbolic shapes"}
+        if not self.shapes_known:  # symbolic length (and length dispatch): separate module
+            return symbolic_site_attrs(self.func, self.call, self.policy, self.layer,
+                                       self._record)
+        threshold = getattr(self.policy, "dispatch_threshold", None)
+        if threshold is not None:  # static shapes: the side is known at compile time
+            side = "long" if self.nk >= threshold else "short"
+            desc += (f" [static shapes: kv_len={self.nk} picks the {side} side at compile "
+                     "time; compile with dynamic_shapes= for a run-time choice]")
         site = spec_from_attrs(self.func)
         if site is None:
             raise ValueError("InsertSparsity: run AnalyzeAttentionMask first (attention site "
@@ -172,12 +184,18 @@ class _SiteRewrite:
                 return self._record(desc, {}, changed=False)
             return self._record(desc, _spec_attrs(new), changed=True, spec=new,
                                 extra="; the mask tensor is still applied on every block")
+        if const is None and mask_input == "bool":  # run-time bool mask & static layout
+            out = _spec_attrs(new)
+            out[A_RUNTIME_AND_STATIC] = True
+            return self._record(desc, out, changed=True, spec=new, extra=(
+                "; the run-time mask tensor is ANDed with the layout and applied on every "
+                "visited block"))
         if const is None:
             raise ValueError(
                 f"sparsity policy {desc} gives a static layout at attention site {self.layer}, "
-                "whose mask depends on run-time data (e.g. a padding attention_mask); static "
-                "layouts cannot be combined with run-time masks yet: use a structured policy "
-                "(SlidingWindow, BlockLocal) or export the model without that mask input")
+                f"whose mask is a run-time additive tensor ({mask_input}, e.g. a padding mask "
+                "filled with finfo.min); static layouts combine only with boolean / -inf "
+                "run-time masks: use a structured policy (SlidingWindow, BlockLocal)")
         keep = new.static_mask[None]  # [1, Hm, Nq, Nk]
         if mask_input == "additive":
             folded = np.where(keep, const, -math.inf).astype(const.dtype)

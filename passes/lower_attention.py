@@ -92,6 +92,7 @@ class _Plan:
         self.empty_rows = ir.attr(func, ir.A_EMPTY_ROWS,
                                   "zero" if ir.attr(func, ir.A_SAFE_SOFTMAX) else "nan")
         self.mask_const = ir.attr(func, ir.A_MASK_CONST)
+        self.score_mod, self.score_consts = _score_mod(func)
         self.block = [block_q, block_kv]
         self.out_shape = ir.static_shape(call)
         self.mask_shape = self._mask_shape()
@@ -121,7 +122,8 @@ class _Plan:
                 "dtype": self.dtype, "scale": self.scale, "mask": self.spec,
                 "block_q": self.block[0], "block_kv": self.block[1],
                 "mask_input": None if self.mask_input == "none" else self.mask_input,
-                "mask_input_shape": self.mask_shape, "empty_rows": self.empty_rows}
+                "mask_input_shape": self.mask_shape, "empty_rows": self.empty_rows,
+                **({"score_mod": self.score_mod} if self.score_mod is not None else {})}
 
     def entry(self, site: int, caller: str, var: str) -> dict:
         b, hq, nq, d = self.q4
@@ -141,6 +143,7 @@ class _Plan:
             "sparsity": ir.attr(self.func, "attnforge.sparsity"),
             "sparsity_changed": bool(ir.attr(self.func, "attnforge.sparsity_changed", False)),
             "visited_fraction": None if bm is None else round(bm.visited_fraction, 6),
+            **_flex_entry(self.func),
         }
 
 
@@ -153,6 +156,8 @@ class _Lowerer(PyExprMutator):
         self.generate, self.symbol, self.extra = kernel_builder
 
     def _kernel(self, plan: _Plan) -> tvm.ir.GlobalVar:
+        if getattr(plan, "dynamic", False):  # symbolic lengths: lower_attention_dynamic
+            return plan.kernel(self)
         kw = {**plan.kernel_args(), **self.extra}
         key = repr(sorted((k, repr(v)) for k, v in kw.items() if k != "mask")) + repr(
             ir.spec_key(plan.spec))
@@ -169,6 +174,8 @@ class _Lowerer(PyExprMutator):
         plan = self.plans.get(binding.var)
         if plan is None:
             return super().visit_var_binding_(binding)
+        if getattr(plan, "dynamic", False):
+            return plan.emit(self, binding)
         gv = self._kernel(plan)
         bm = plan.block_mask
         args = [self.visit_expr(a) for a in plan.call.args]
@@ -178,11 +185,13 @@ class _Lowerer(PyExprMutator):
                         zip(args[:3], (plan.q4, plan.k4, plan.v4))]
         if plan.dtype != plan.io_dtype:
             args[:3] = [bb.emit(relax.op.astype(a, plan.dtype)) for a in args[:3]]
+        full = bm.kv_is_full * 0 if getattr(plan, "zero_full", False) else bm.kv_is_full
         ins = args[:3] + [relax.const(np.ascontiguousarray(a, dtype="int32")) for a in
-                          (bm.kv_num_blocks, bm.kv_indices, bm.kv_is_full)]
+                          (bm.kv_num_blocks, bm.kv_indices, full)]
         mask = self._mask(plan, args)
         if mask is not None:
             ins.append(mask)
+        ins += [relax.const(np.ascontiguousarray(c)) for c in plan.score_consts]
         b, hq, nq, _ = plan.q4
         out_ty = relax.TensorType([b, hq, nq, plan.v4[3]], plan.dtype)
         out = relax.call_tir(gv, relax.Tuple(ins), out_ty=out_ty)
@@ -195,6 +204,8 @@ class _Lowerer(PyExprMutator):
     def _mask(self, plan: _Plan, args):
         if plan.mask_input == "none":
             return None
+        if hasattr(plan, "mask_operand"):  # lower_attention_static_runtime
+            return plan.mask_operand(self, args)
         if plan.spec.kind == "static":
             m = plan.spec.static_mask
             return relax.const(np.ascontiguousarray(m.reshape((1,) + m.shape)))
@@ -240,8 +251,8 @@ class LowerAttentionToTIR:
         lowerer = None
         var2val = {c: relax.analysis.get_var2val(mod[c]) for c in {s[0] for s in sites}}
         for i, (caller, callee, call, var) in enumerate(sites):
-            plan = _Plan(mod[callee], call, block_q, self.block_kv, var2val[caller],
-                         self.compute_dtype)
+            plan = make_plan(mod[callee], call, block_q, self.block_kv, var2val[caller],
+                             self.compute_dtype)
             if builder is None:
                 plan.reason = f"no fused attention kernel for target kind {kind!r} yet"
             else:
@@ -261,6 +272,37 @@ class LowerAttentionToTIR:
             mod = _drop_unused_attention(lowerer.builder_.get())
         report = [p.entry(i, c, v) for i, (p, c, v) in enumerate(entries)]
         return mod.with_attr(ir.M_SITES, report) if report else mod
+
+
+def make_plan(func, call, block_q, block_kv, var2val=None, compute_dtype=None):
+    """``_Plan`` for a static-shape site, ``DynamicPlan`` for a symbolic-length one."""
+    from .lower_attention_dynamic import DynamicPlan, is_symbolic_site
+    from .lower_attention_static_runtime import A_RUNTIME_AND_STATIC, StaticAndRuntimePlan
+
+    cls = DynamicPlan if is_symbolic_site(call) else _Plan
+    if cls is _Plan and ir.attr(func, A_RUNTIME_AND_STATIC, False):
+        cls = StaticAndRuntimePlan
+    return cls(func, call, block_q, block_kv, var2val, compute_dtype)
+
+
+def _score_mod(func) -> tuple:
+    """A FlexAttention site's score mod (scalar PrimFunc, see
+    ``schedules.attention_score_mod``) and its captured arrays; ``(None, [])`` elsewhere."""
+    from ..schedules.attention_score_mod import score_mod_from_attr
+
+    if func.attrs is None or "attnforge.score_mod" not in func.attrs:
+        return None, []
+    return (score_mod_from_attr(func.attrs["attnforge.score_mod"]),
+            list(ir.attr(func, "attnforge.score_mod_consts", [])))
+
+
+def _flex_entry(func) -> dict:
+    """Report keys of a site imported from ``flex_attention`` (none for other sites)."""
+    if ir.attr(func, "attnforge.source_op") is None:
+        return {}
+    return {"source_op": ir.attr(func, "attnforge.source_op"),
+            "mask_mod": ir.attr(func, "attnforge.mask_mod"),
+            "score_mod": ir.attr(func, "attnforge.score_mod_desc")}
 
 
 def _drop_unused_attention(mod: tvm.IRModule) -> tvm.IRModule:

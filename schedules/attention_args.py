@@ -33,26 +33,31 @@ def check_dims(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int) -> 
 
 
 def attention_prim_func(macro, dtype: str, shapes: tuple, Hm: int, nqb: int, W: int,
-                        mask_shape: tuple | None = None, mask_dtype: str | None = None):
+                        mask_shape: tuple | None = None, mask_dtype: str | None = None,
+                        check_well_formed: bool = True):
     """The kernels' shared signature around their body ``macro``: ``(Q, K, V, kv_num_blocks,
-    kv_indices, kv_is_full[, mask], O)``; ``shapes`` = (Q, K, V, O) shapes."""
+    kv_indices, kv_is_full[, mask], O)``; ``shapes`` = (Q, K, V, O) shapes.
+    ``check_well_formed=False`` when the body reads buffers that become parameters only later
+    (a score mod's captured tensors, ``attention_score_mod.with_captured_buffers``)."""
     from tvm.script import tirx as T
 
     qs, ks, vs, os_ = shapes
     if mask_shape is not None:
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, check_well_formed=check_well_formed)
         def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
                  kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
                  kv_indices: T.Buffer((Hm, nqb, W), "int32"),
                  kv_is_full: T.Buffer((Hm, nqb, W), "int32"),
                  mask: T.Buffer(mask_shape, mask_dtype), O: T.Buffer(os_, dtype)):
+            _ = T.meta_var(check_well_formed)  # the parser re-evaluates the decorator
             macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, mask, O)
     else:
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, check_well_formed=check_well_formed)
         def func(Q: T.Buffer(qs, dtype), K: T.Buffer(ks, dtype), V: T.Buffer(vs, dtype),
                  kv_num_blocks: T.Buffer((Hm, nqb), "int32"),
                  kv_indices: T.Buffer((Hm, nqb, W), "int32"),
                  kv_is_full: T.Buffer((Hm, nqb, W), "int32"), O: T.Buffer(os_, dtype)):
+            _ = T.meta_var(check_well_formed)  # the parser re-evaluates the decorator
             macro(Q, K, V, kv_num_blocks, kv_indices, kv_is_full, None, O)
 
     return func
@@ -63,6 +68,8 @@ def element_allowed(spec, structured: bool, q, k, Nk: int, k_tail: bool):
     (``k < Nk`` when the last kv block is partial): the element rule of both kernels."""
     from tvm import tirx
 
+    if hasattr(spec, "element_rule"):  # block_mask_runtime.DispatchMask: chosen on Nk
+        return spec.element_rule(q, k, Nk, k_tail)
     cond = tirx.const(True, "bool")
     if structured:
         qo = q + spec.q_offset

@@ -48,6 +48,12 @@ from .attention_args import (
     element_allowed,
 )
 from .attention_cpu_exp import exp2_poly
+from .attention_score_mod import (
+    apply_score_mod,
+    check_score_mod,
+    finish_kernel,
+    with_fast_tanh,
+)
 from .block_mask import BlockMask, MaskSpec
 
 __all__ = ["default_cpu_target", "fused_attention_cpu"]
@@ -85,6 +91,7 @@ def fused_attention_cpu(
     empty_rows: str = "zero",
     rows: int = 4,
     global_symbol: str = "fused_attention_cpu",
+    score_mod: tirx.PrimFunc | None = None,
 ) -> tuple[tirx.PrimFunc, BlockMask]:
     """Build the fused attention PrimFunc and the BlockMask whose arrays it consumes.
 
@@ -96,7 +103,9 @@ def fused_attention_cpu(
     ``rows`` is the register micro-kernel height (kv rows per step of ``S``, ``Dv`` rows per
     step of ``O``); the fast path needs ``ceil(rows / 2) * block_q * 4 < 1024`` bytes (e.g.
     ``block_q=64, rows=4``), larger tiles still compute correctly but spill to memory.
-    ``scale`` defaults to ``1/sqrt(head_dim)``.  Raises ``ValueError`` for
+    ``scale`` defaults to ``1/sqrt(head_dim)``.  ``score_mod``: a FlexAttention score
+    modification (``schedules.attention_score_mod``) applied to every visited score before the
+    masks; its captured buffers follow the mask tensor.  Raises ``ValueError`` for
     invalid arguments and ``NotImplementedError`` for unsupported dtypes.
     """
     B, Hq, Hkv, Nq, Nk, D = (int(v) for v in (batch, q_heads, kv_heads, q_len, kv_len, head_dim))
@@ -131,37 +140,51 @@ def fused_attention_cpu(
     Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
     check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
-                  mshape, empty_rows, rows, Hm, W, bm.visited_fraction)
+                  mshape, empty_rows, rows, Hm, W, bm.visited_fraction, score_mod=score_mod)
     func = func.with_attr({"global_symbol": global_symbol, "tir.noalias": True,
                            "op_pattern": 8})
+    from .attention_cpu_space import ARGS_KEY, kernel_args_json  # MetaSchedule design space
+
+    args = kernel_args_json(batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Nq, kv_len=Nk, head_dim=D,
+                            v_head_dim=Dv, dtype=dtype, scale=scale, mask=mask, block_q=block_q,
+                            block_kv=block_kv, mask_input=mask_input,
+                            mask_input_shape=mask_input_shape, empty_rows=empty_rows, rows=rows)
+    if args is not None and score_mod is None:  # the design space has no score mod
+        func = func.with_attr(ARGS_KEY, args)
     return func, bm
 
 
 def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, mshape,
-           empty_rows, R, Hm, W, visited):
+           empty_rows, R, Hm, W, visited, score_mod=None):
     f32 = "float32"
     nqb = -(-Nq // BQ)
     group = Hq // Hkv
     additive = mask_input == "additive"
     # log2-domain scores unless an additive mask must be added in natural units.
-    qmul = scale if additive else scale * _LOG2E
-    emul = _LOG2E if additive else 1.0
+    has_sm = score_mod is not None  # a score mod also works on natural units
+    if has_sm:
+        check_score_mod(score_mod)
+    sm_fast = with_fast_tanh(score_mod)  # tanh as a vectorisable rational polynomial
+    qmul = scale if additive or has_sm else scale * _LOG2E
+    emul = _LOG2E if additive or has_sm else 1.0
     neg_inf = tirx.const(float("-inf"), f32)
     zero = tirx.const(0.0, f32)
-    k_tail = Nk % BK != 0
+    k_tail = not isinstance(Nk, int) or Nk % BK != 0  # symbolic Nk: checked at run time
     structured = spec.kind == "structured"
     has_tensor = mask_input is not None
     tensor_every_block = has_tensor and spec.kind not in ("static", "dynamic")
     mdt = "bool" if mask_input == "bool" else dtype
     mpad = (1,) * (4 - len(mshape)) + mshape if has_tensor else (1, 1, 1, 1)
-    q_bcast = mpad[2] == 1
+    # dims > 1 (a symbolic dim, a tir var from attention_cpu_dynamic, is a full length)
+    mbig = tuple(not isinstance(d, int) or d > 1 for d in mpad)
+    q_bcast = not mbig[2]
     # A [.., Nq, Nk] mask shared by several heads and applied on every visited block is
     # transposed once per call ([.., Nk, Nq_pad]) so that blocks read it as vectors; worth it
     # when the blocks visited over all heads cover the mask at least twice.
     nqp, nkb = nqb * BQ, -(-Nk // BK)
     mt_bytes = mpad[0] * nkb * BK * nqp * (1 if mask_input == "bool" else 4)
-    pre_t = (has_tensor and not q_bcast and mpad[1] == 1 and Hq * visited >= 2
-             and spec.kind != "static" and mt_bytes <= _MAX_MASK_COPY)
+    pre_t = (isinstance(Nq, int) and has_tensor and not q_bcast and mpad[1] == 1
+             and Hq * visited >= 2 and spec.kind != "static" and mt_bytes <= _MAX_MASK_COPY)
     mt_shape = (mpad[0], 1, nkb * BK, nqp) if pre_t else (1, 1, 1, 1)
     Rv = R if Dv % R == 0 else math.gcd(Dv, R)
     # Two register tiles so each stays under LowerTVMBuiltin's 1 KiB stack-alloca limit.
@@ -174,14 +197,14 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
         return tirx.min(k, Nk - 1) if k_tail else k
 
     def qclamp(q):
-        return tirx.min(q, Nq - 1) if Nq % BQ else q
+        return tirx.min(q, Nq - 1) if not isinstance(Nq, int) or Nq % BQ else q
 
     def allowed(q, k):
         return element_allowed(spec, structured, q, k, Nk, k_tail)
 
     def mindex(b, h, q, k):
-        idx = [b if mpad[0] > 1 else 0, h if mpad[1] > 1 else 0,
-               qclamp(q) if mpad[2] > 1 else 0, kclamp(k) if mpad[3] > 1 else 0]
+        idx = [b if mbig[0] else 0, h if mbig[1] else 0,
+               qclamp(q) if mbig[2] else 0, kclamp(k) if mbig[3] else 0]
         return tuple(idx[4 - len(mshape):])
 
     def tmask(score, value):
@@ -243,6 +266,11 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                         S[kr * R + r, i] = acc0[r, i]
                     for r, i in T.grid(R1, BQ):
                         S[kr * R + R0 + r, i] = acc1[r, i]
+                if has_sm:  # FlexAttention score_mod on every visited score, before masks
+                    for kk in range(BK):
+                        for i in T.vectorized(BQ):
+                            S[kk, i] = apply_score_mod(sm_fast, S[kk, i], b, h, q0 + i,
+                                                       k0 + kk)
                 # Outer ifs are Python (static) conditions, inner ones run-time TIR conditions.
                 if structured or k_tail:  # noqa: SIM102
                     if KFULL[hm, qb, j] == 0 or k0 + BK > Nk:
@@ -313,5 +341,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
 
     macro = T.macro(body, hygienic=True)
     shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
-    return attention_prim_func(macro, dtype, shapes, Hm, nqb, W,
-                               mshape if has_tensor else None, mdt if has_tensor else None)
+    func = attention_prim_func(macro, dtype, shapes, Hm, nqb, W,
+                               mshape if has_tensor else None, mdt if has_tensor else None,
+                               check_well_formed=not has_sm)
+    return finish_kernel(func, score_mod)

@@ -45,6 +45,7 @@ from .attention_args import (
     element_allowed,
 )
 from .attention_cuda_ptx import Ops
+from .attention_score_mod import apply_score_mod, check_score_mod, finish_kernel
 from .block_mask import BlockMask, MaskSpec
 
 __all__ = ["cuda_target", "fused_attention_cuda", "fused_attention_cuda_reference_tir",
@@ -85,6 +86,7 @@ def fused_attention_cuda(
     warp_rows: int = 16,
     global_symbol: str = "fused_attention_cuda",
     emu: bool = False,
+    score_mod: tirx.PrimFunc | None = None,
 ) -> tuple[tirx.PrimFunc, BlockMask]:
     """Build the CUDA fused attention PrimFunc and the BlockMask whose arrays it consumes.
 
@@ -98,6 +100,8 @@ def fused_attention_cuda(
     registers) or 32 (FlashAttention-2's layout: half the warps, every K/V fragment feeds two
     m-tiles so shared-memory traffic per mma halves; Q is re-read from resident smem).
     ``emu=True`` returns the llvm-buildable emulation (see module docstring).
+    ``score_mod``: a FlexAttention score modification (``schedules.attention_score_mod``)
+    applied to every visited score before the masks; its captured buffers precede ``O``.
     """
     B, Hq, Hkv, Nq, Nk, D = (int(v) for v in (batch, q_heads, kv_heads, q_len, kv_len, head_dim))
     Dv = D if v_head_dim is None else int(v_head_dim)
@@ -139,7 +143,7 @@ def fused_attention_cuda(
     smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
     check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
-                  mshape, empty_rows, num_stages, Hm, W, emu, warp_rows)
+                  mshape, empty_rows, num_stages, Hm, W, emu, warp_rows, score_mod=score_mod)
     attrs = {"global_symbol": global_symbol, "tir.noalias": True, "op_pattern": 8}
     if not emu:  # hand-scheduled: dlight / MetaSchedule must leave it alone
         attrs["tirx.is_scheduled"] = True
@@ -162,7 +166,7 @@ def shared_memory_bytes(D: int, Dv: int, block_q: int, block_kv: int, num_stages
 
 
 def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshape,
-           empty_rows, ST, Hm, W, emu, WR):
+           empty_rows, ST, Hm, W, emu, WR, score_mod=None):
     f32 = "float32"
     nqb = -(-Nq // BQ)
     MT = WR // 16  # m16 tiles per warp
@@ -195,10 +199,13 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshap
 
     group = Hq // Hkv
     additive = mask_input == "additive"
-    qmul = scale if additive else scale * _LOG2E
-    emul = _LOG2E if additive else 1.0
+    has_sm = score_mod is not None  # a score mod also works on natural units
+    if has_sm:
+        check_score_mod(score_mod)
+    qmul = scale if additive or has_sm else scale * _LOG2E
+    emul = _LOG2E if additive or has_sm else 1.0
     neg_inf = tirx.const(float("-inf"), f32)
-    k_tail = Nk % BK != 0
+    k_tail = not isinstance(Nk, int) or Nk % BK != 0  # symbolic Nk: checked at run time
     structured = spec.kind == "structured"
     has_tensor = mask_input is not None
     tensor_every_block = has_tensor and spec.kind not in ("static", "dynamic")
@@ -318,6 +325,10 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshap
                         kc = T.bind(k0 + tx % 4 * 2)
                         for i in U(MT * NS):
                             sacc[rg(tx, i)] = sacc[rg(tx, i)] * T.float32(qmul)
+                        if has_sm:  # FlexAttention score_mod, before the masks
+                            for i in U(MT * NS):
+                                sacc[rg(tx, i)] = apply_score_mod(
+                                    score_mod, sacc[rg(tx, i)], b, h, qr + srow(i), kc + scol(i))
                         if structured or k_tail:  # noqa: SIM102 (static, then run-time)
                             if KFULL[hm, qb, j] == 0 or k0 + BK > Nk:
                                 for i in U(MT * NS):
@@ -384,5 +395,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dt, scale, spec, BQ, BK, mask_input, mshap
 
     macro = T.macro(body, hygienic=True)
     shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
-    return attention_prim_func(macro, dt, shapes, Hm, nqb, W,
-                               mshape if has_tensor else None, mdt if has_tensor else None)
+    func = attention_prim_func(macro, dt, shapes, Hm, nqb, W,
+                               mshape if has_tensor else None, mdt if has_tensor else None,
+                               check_well_formed=not has_sm)
+    return finish_kernel(func, score_mod)

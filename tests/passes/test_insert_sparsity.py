@@ -284,8 +284,16 @@ def test_run_time_mask_keeps_the_tensor_and_gains_the_structure():
     got = _run(mod, Fixed(window), args)
     keep = pad & window.dense(nq, nk)[None]
     np.testing.assert_allclose(got, _reference(*args[:3], keep), atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="run-time masks"):
-        InsertSparsity(Fixed(_random_static(nq, nk, 2, rng)))(analysed)
+    # A static (per-head) layout with the run-time mask: layout kept for block skipping, the
+    # kernel applies run-time & layout on every visited block.
+    static = _random_static(nq, nk, 2, rng)
+    f = InsertSparsity(Fixed(static))(analysed)
+    (_, callee, _, _), = ir.iter_sites(f)
+    assert ir.attr(f[callee], "attnforge.runtime_and_static") is True
+    assert spec_from_attrs(f[callee]).kind == "static"
+    got = _run(mod, Fixed(static), args)
+    keep = pad & static.dense(nq, nk)[None]
+    np.testing.assert_allclose(got, _reference(*args[:3], keep), atol=2e-5, rtol=1e-4)
 
 
 def test_batch_varying_constant_mask_is_folded_with_a_static_policy():

@@ -1,0 +1,92 @@
+"""The CUDA fused attention kernel for a symbolic batch / sequence length.
+
+Same body as :mod:`.attention_cuda` (its ``_build`` is reused, tensor cores, fp16/bf16): the
+lengths are int32 tir Vars bound from the tensor shapes, every kv block checks its tail at run
+time, and the block layout comes from :func:`.block_mask_runtime.runtime_block_mask_func`
+(``gpu=True``: one thread per query block), called before the kernel.  Masks: ``full``,
+``structured`` or a :class:`~.block_mask_runtime.DispatchMask`; no mask tensor yet.  Indexing
+is 32-bit, as in the static kernel: keep every tensor under 2**31 elements.
+**Built and checked on the CPU only** (the ``emu=True`` emulation runs on llvm; the CUDA build
+compiles): it has not run on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+
+from .attention_args import check
+from .attention_cuda import _ARCHS, _DTYPES, _EMPTY_ROWS, _build, shared_memory_bytes
+from .block_mask import MaskSpec
+from .block_mask_runtime import runtime_block_mask_func, symbolic_ok
+
+__all__ = ["fused_attention_cuda_dynamic"]
+
+
+def _dim(value, name: str):
+    if value is None:
+        return tirx.Var(name, "int32")
+    check(isinstance(value, int) and value > 0, f"{name} must be a positive int or None "
+          f"(symbolic), got {value!r}")
+    return int(value)
+
+
+def fused_attention_cuda_dynamic(
+    batch: int | None,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int | None,
+    kv_len: int | None,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    dtype: str = "float16",
+    scale: float | None = None,
+    mask=None,
+    block_q: int = 128,
+    block_kv: int = 64,
+    empty_rows: str = "zero",
+    arch: str = "sm_90",
+    num_stages: int = 2,
+    warp_rows: int = 16,
+    global_symbol: str = "fused_attention_cuda_dynamic",
+    emu: bool = False,
+):
+    """``(kernel, layout_func)`` like :func:`.attention_cpu_dynamic.fused_attention_cpu_dynamic`
+    for CUDA (``emu=True``: both buildable for llvm, to test the algorithm on a CPU)."""
+    if dtype not in _DTYPES:
+        raise NotImplementedError(f"fused_attention_cuda_dynamic: dtype={dtype!r} is not "
+                                  f"supported; use one of {_DTYPES}")
+    if arch not in _ARCHS:
+        raise NotImplementedError(f"fused_attention_cuda_dynamic: arch={arch!r} is not "
+                                  f"supported; use one of {_ARCHS}")
+    mask = MaskSpec.full() if mask is None else mask
+    check(symbolic_ok(mask), "symbolic sequence length on CUDA: the mask must be full, "
+          f"structured or a DispatchMask, got {getattr(mask, 'kind', mask)!r}")
+    B, Nq, Nk = _dim(batch, "batch"), _dim(q_len, "q_len"), _dim(kv_len, "kv_len")
+    Hq, Hkv, D = (int(v) for v in (q_heads, kv_heads, head_dim))
+    Dv = D if v_head_dim is None else int(v_head_dim)
+    check(Hq > 0 and Hkv > 0 and Hq % Hkv == 0, f"q_heads ({Hq}) must be a positive multiple "
+          f"of kv_heads ({Hkv})")
+    check(D % 16 == 0 and Dv % 16 == 0,
+          f"head_dim ({D}) and v_head_dim ({Dv}) must be multiples of 16 (mma k/n tiles)")
+    check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
+    check(block_kv > 0 and block_kv % 16 == 0, f"block_kv must be a multiple of 16, got "
+          f"{block_kv}")
+    check(num_stages in (1, 2, 3) and warp_rows in (16, 32),
+          f"num_stages must be 1-3 and warp_rows 16 or 32, got {num_stages}, {warp_rows}")
+    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}")
+    smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
+    check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    W = tirx.Var("max_blocks", "int32")
+    kernel = _build(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, dt=dtype, scale=scale,
+                    spec=mask, BQ=block_q, BK=block_kv, mask_input=None, mshape=None,
+                    empty_rows=empty_rows, ST=num_stages, Hm=1, W=W, emu=emu, WR=warp_rows)
+    attrs = {"global_symbol": global_symbol, "tir.noalias": True, "op_pattern": 8}
+    if not emu:
+        attrs["tirx.is_scheduled"] = True
+    layout = runtime_block_mask_func(mask, (B, Hq, Nq, D), (B, Hkv, Nk, D), dtype, dtype,
+                                     block_q, block_kv, gpu=not emu)
+    return kernel.with_attr(attrs), layout
