@@ -5,7 +5,7 @@ An artifact is a directory::
     model.afm/
       lib.so          TVM library (Relax VM executable + kernels), built by export_library
       manifest.json   format, versions, target, input/output signature, the compile report,
-                      and the sha256 of every other file
+                      quantization parameters (int8), and the sha256 of every other file
       cuda_bin/       (CUDA targets) nvcc-built fatbins of every kernel source, per arch,
                       so the deployment box needs neither nvcc nor NVRTC (attnforge.cuda_aot)
 
@@ -114,6 +114,8 @@ def export_artifact(cm: CompiledModel, path: str, gpu_archs=None) -> str:
             "inputs": cm.input_specs,
             "outputs": cm.output_desc,
             "report": cm.report,
+            # precision="int8": calibration method, per-site scales, excluded layers
+            "quantization": cm.report.get("quantization"),
             "cuda_binaries": cuda_bins,
             "files": files,
         }

@@ -1,8 +1,9 @@
 """Shared helpers of the INT8 passes: finding quantisable matmul sites, reading constants.
 
 A *site* is an ``R.matmul(x, W)`` binding in a function whose weight ``W`` is a 2-D ``[K, N]``
-constant: fp32 (before :class:`QuantizeWeights`) or ``R.dequantize(<int8 constant>, <scale
-constant [N]>, <zero point>, axis=1)`` (after). Sites are numbered in binding order; every INT8
+constant (or a batch-broadcast copy of one, see :func:`fp32_weight`): fp32 (before
+:class:`QuantizeWeights`) or ``R.dequantize(<int8 constant>, <scale constant [N]>,
+<zero point>, axis=1)`` (after). Sites are numbered in binding order; every INT8
 pass and the calibration use the same numbering, so a site keeps its index through them.
 """
 
@@ -37,11 +38,18 @@ def lookup(expr, var2val: dict):
 
 
 def fp32_weight(call: relax.Call) -> np.ndarray | None:
-    """The ``[K, N]`` fp32 constant weight of a matmul site, else None."""
+    """The ``[K, N]`` fp32 constant weight of a matmul site, else None.
+
+    A ``[B, K, N]`` constant whose B slices are identical (the importer broadcasts a Linear
+    weight for a batched ``bmm``, e.g. BERT's attention output at batch > 1) counts as its
+    ``[K, N]`` slice: ``x @ W`` broadcasts the same way.
+    """
     w = const_array(call.args[1])
-    if w is None or w.ndim != 2 or w.dtype != np.float32:
+    if w is None or w.dtype != np.float32:
         return None
-    return w
+    if w.ndim == 3 and all(np.array_equal(w[0], w[b]) for b in range(1, w.shape[0])):
+        w = w[0]
+    return w if w.ndim == 2 else None
 
 
 def int8_weight(call: relax.Call, var2val: dict):

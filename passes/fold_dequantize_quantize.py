@@ -60,7 +60,7 @@ class FoldDequantizeQuantize:
     """Remove ``quantize(dequantize(q))`` round trips with identical parameters."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod
+        out = mod.clone()  # the rewriters update their module in place: not the input
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue

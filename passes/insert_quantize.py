@@ -70,7 +70,7 @@ class InsertActivationQuantize:
         self.qparams = {int(i): _check(int(i), *p) for i, p in qparams.items()}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod
+        out = mod.clone()  # the rewriters update their module in place: not the input
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue

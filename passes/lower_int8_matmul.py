@@ -9,8 +9,11 @@ What it does
     :func:`attnforge.schedules.matmul_int8_cpu.int8_matmul_func` (one PrimFunc per
     ``(M, N, K)``), the weight packed offline to ``[N/16, K/4, 16, 4]`` and the dequantisation
     folded into ``scale = s_a s_w``, ``offset = -scale z_a colsum(Wq)``. A bias ``R.add`` after
-    the matmul stays a separate (fused elementwise) op. Other sites are left as they are
-    (QDQ in fp32: TVM legalises them). Unused dequantize bindings are removed.
+    the matmul stays a separate (fused elementwise) op. A 2-D site whose activation is
+    ``R.dequantize(xq, s, z, axis=0)`` with run-time per-row ``s`` (fp32 ``[M]``) and ``z``
+    (int32 ``[M]``) (:class:`InsertDynamicQuantize`) gets the kernel's ``per_row`` variant,
+    ``(xq, Wp, s, z, w_scale, colsum(Wq))``. Other sites are left as they are (QDQ in fp32:
+    TVM legalises them). Unused dequantize bindings are removed.
 
 Preconditions: :class:`QuantizeWeights`, :class:`InsertActivationQuantize`; an ``llvm`` target
 whose CPU has AVX-512 VNNI (the caller checks). Place: last INT8 pass, before legalisation.
@@ -50,6 +53,12 @@ def _plan(call, var2val):
     xq = x_dq.args[0]
     a_scale, a_zp = const_array(x_dq.args[1]), const_array(x_dq.args[2])
     shape = _static_shape(xq)
+    if a_scale is None and shape is not None and len(shape) == 2:  # per-row, run-time qparams
+        s, z = x_dq.args[1], x_dq.args[2]
+        per_row = (int(x_dq.attrs.axis) == 0 and str(xq.ty.dtype) == "uint8"
+                   and _static_shape(s) == shape[:1] and str(s.ty.dtype) == "float32"
+                   and _static_shape(z) == shape[:1] and str(z.ty.dtype) == "int32")
+        return (xq, shape, s, z, *weight) if per_row else None
     if (a_scale is None or a_zp is None or a_scale.size != 1 or a_zp.size != 1
             or str(xq.ty.dtype) != "uint8" or shape is None or len(shape) < 2):
         return None
@@ -63,10 +72,10 @@ class _Rewriter(PyExprMutator):
         self.plans, self.mr, self.nb = plans, mr, nb
         self.kernels, self.reshaped = {}, {}
 
-    def _kernel(self, m: int, n: int, k: int):
-        key = (m, n, k)
+    def _kernel(self, m: int, n: int, k: int, per_row: bool = False):
+        key = (m, n, k, per_row)
         if key not in self.kernels:
-            prim = int8_matmul_func(m, n, k, mr=self.mr, nb=self.nb)
+            prim = int8_matmul_func(m, n, k, mr=self.mr, nb=self.nb, per_row=per_row)
             gv = self.builder_.add_func(prim, KERNEL_SYMBOL)
             # one symbol per kernel variant, or the build links duplicates
             self.builder_.update_func(gv, prim.with_attr("global_symbol", gv.name_hint))
@@ -88,10 +97,16 @@ class _Rewriter(PyExprMutator):
                 self.reshaped[x2] = bb.emit(relax.op.reshape(x2, [m, k]))
             x2 = self.reshaped[x2]
         w_nk = np.ascontiguousarray(wq.T)
-        scale, offset = fold_dequant(w_nk, w_scale, a_scale, a_zp)
-        ins = [x2, relax.const(pack_weight(w_nk, self.nb)), relax.const(scale),
-               relax.const(offset)]
-        out = relax.call_tir(self._kernel(m, n, k), relax.Tuple(ins),
+        packed = relax.const(pack_weight(w_nk, self.nb))
+        per_row = isinstance(a_scale, relax.Expr)
+        if per_row:  # run-time per-row scale / zero point; per-column scale and sum of W
+            colsum = w_nk.astype(np.int64).sum(axis=1).astype(np.float32)
+            ins = [x2, packed, self.visit_expr(a_scale), self.visit_expr(a_zp),
+                   relax.const(w_scale.astype(np.float32)), relax.const(colsum)]
+        else:
+            scale, offset = fold_dequant(w_nk, w_scale, a_scale, a_zp)
+            ins = [x2, packed, relax.const(scale), relax.const(offset)]
+        out = relax.call_tir(self._kernel(m, n, k, per_row), relax.Tuple(ins),
                              out_ty=relax.TensorType([m, n], "float32"))
         if len(shape) != 2:
             out = relax.op.reshape(bb.emit(out), [*shape[:-1], n])
@@ -111,7 +126,7 @@ class LowerInt8Matmul:
         self.mr, self.nb = mr, nb
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod
+        out = mod.clone()  # the rewriters update their module in place: not the input
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue

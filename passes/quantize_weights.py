@@ -70,7 +70,7 @@ class QuantizeWeights:
         self.exclude, self.names = tuple(exclude), names
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod
+        out = mod.clone()  # the rewriters update their module in place: not the input
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue

@@ -78,7 +78,7 @@ def int8_matmul_reference(a_u8: np.ndarray, w_int8: np.ndarray) -> np.ndarray:
     return acc.astype(np.int32)
 
 
-def _compute(m: int, n: int, k: int, mr: int, nb: int, dequant: bool):
+def _compute(m: int, n: int, k: int, mr: int, nb: int, dequant: bool, per_row: bool = False):
     mp, kp = math.ceil(m / mr) * mr, math.ceil(k / 4) * 4
     n_blocks = math.ceil(n / (16 * nb)) * nb
     a = te.placeholder((m, k), "uint8", name="A")
@@ -99,7 +99,19 @@ def _compute(m: int, n: int, k: int, mr: int, nb: int, dequant: bool):
             a_in[i, ko * 4 + ki].astype("int32") * w[jo, ko, ji, ki].astype("int32"),
             axis=[ko, ki]),
         name="C")
-    if dequant:
+    if per_row:  # per-token activation scale / zero point (computed at run time)
+        rs = te.placeholder((m,), "float32", name="row_scale")
+        rz = te.placeholder((m,), "int32", name="row_zero_point")
+        ws = te.placeholder((n,), "float32", name="col_scale")
+        cs = te.placeholder((n,), "float32", name="col_sum")
+        out = te.compute(
+            (m, n),
+            lambda i, j: (acc[i, j // 16, j % 16].astype("float32")
+                          - rz[i].astype("float32") * cs[j])
+            * (rs[i] * ws[j]),
+            name="out")
+        args = [a, w, rs, rz, ws, cs, out]
+    elif dequant:
         scale = te.placeholder((n,), "float32", name="scale")
         offset = te.placeholder((n,), "float32", name="offset")
         out = te.compute(
@@ -114,18 +126,21 @@ def _compute(m: int, n: int, k: int, mr: int, nb: int, dequant: bool):
 
 
 def int8_matmul_func(m: int, n: int, k: int, *, dequant: bool = True, mr: int = 4,
-                     nb: int = 2) -> tirx.PrimFunc:
+                     nb: int = 2, per_row: bool = False) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(A u8[M, K], W s8[packed], [scale f32[N], offset f32[N]], out)``.
 
     ``W`` is ``pack_weight(w, nb)`` (shape :func:`packed_shape`); ``out`` is fp32 ``[M, N]``
     (``dequant``) or the int32 accumulator. ``mr`` x ``nb`` is the register tile (rows x
-    16-channel blocks).
+    16-channel blocks). ``per_row``: per-token activation quantisation, arguments
+    ``(A, W, row_scale f32[M], row_zero_point i32[M], col_scale f32[N], col_sum f32[N], out)``
+    and ``out[m, n] = (acc[m, n] - row_zero_point[m] col_sum[n]) row_scale[m] col_scale[n]``
+    (``col_sum[n] = sum_k W[n, k]``).
     """
     if min(m, n, k) < 1:
         raise ValueError(f"int8_matmul_func: sizes must be positive, got M={m} N={n} K={k}")
     if mr * nb * 16 * 4 > 1024:
         raise ValueError(f"register tile mr*nb*16 int32 = {mr * nb * 64} bytes exceeds 1 KB")
-    func, padded_a, _ = _compute(m, n, k, mr, nb, dequant)
+    func, padded_a, _ = _compute(m, n, k, mr, nb, dequant, per_row)
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("C")
     i, jo, ji, ko, ki = sch.get_loops(blk)
@@ -147,4 +162,8 @@ def int8_matmul_func(m: int, n: int, k: int, *, dequant: bool = True, mr: int = 
     sch.tensorize(ji, register_vnni_intrin())
     sch.unroll(i1)
     sch.unroll(j1)
-    return sch.mod["main"].with_attr(ATTR, 1).with_attr("tirx.is_scheduled", 1)
+    # op_pattern 8 (opaque): FuseOps must not merge an epilogue into this scheduled kernel
+    # (FuseTIR then failed on BERT's bias add: "Inconsistent buffers ... mapped to the same
+    # relax var"); LowerInt8Matmul folds constant biases into ``offset`` instead.
+    func = sch.mod["main"].with_attr(ATTR, 1).with_attr("tirx.is_scheduled", 1)
+    return func.with_attr("op_pattern", 8)

@@ -134,7 +134,10 @@ def _vm(mod):
 
 
 @pytest.mark.skipif(not _has_vnni(), reason="no avx512_vnni in /proc/cpuinfo")
-def test_tiny_llama_end_to_end(tiny_llama):
+@pytest.mark.parametrize("options", [
+    {"activations": "per_tensor"}, {},  # default: per token
+    pytest.param({"activations": "per_tensor", "smooth_alpha": 0.5}, marks=pytest.mark.slow)])
+def test_tiny_llama_end_to_end(tiny_llama, options):
     import torch
 
     from attnforge.accuracy import accuracy_metrics, held_out_inputs
@@ -143,7 +146,7 @@ def test_tiny_llama_end_to_end(tiny_llama):
     names = site_names(model, mod)
     assert names[len(names) - 1] == "lm_head" and len(names) == 15
     calib = [held_out_inputs(inputs, seed=s) for s in range(4)]
-    qmod = quantize_int8(mod, calib, TARGET, exclude=["lm_head"], model=model)
+    qmod = quantize_int8(mod, calib, TARGET, exclude=["lm_head"], model=model, **options)
     text = qmod.script(show_meta=False)
     assert text.count("R.call_tir(cls.int8_matmul_cpu") == 14  # every Linear but lm_head
     assert text.count("R.matmul(") == 1
@@ -161,19 +164,100 @@ def test_tiny_llama_end_to_end(tiny_llama):
     assert logits["top1_agreement"] > 0.9, metrics
 
 
-def test_compile_model_int8_when_wired():
+def test_compile_model_int8_export_load(tmp_path):
+    """compile_model(int8): report + manifest list the quantisation; a loaded artifact gives
+    the same outputs as the model before export (bit for bit: same library)."""
+    import json
+
+    import attnforge
     from attnforge import compiler
     from attnforge.accuracy import held_out_inputs
     from attnforge.models import build_hf_model
 
-    if "int8" not in compiler.PRECISIONS:
-        pytest.skip("compile_model(precision='int8') is not wired yet")
     if not _has_vnni():
         pytest.skip("no avx512_vnni in /proc/cpuinfo")
     model, inputs = build_hf_model("llama", hidden=128)
     with pytest.raises(ValueError, match="calibration_data"):
         compiler.compile_model(model, inputs, precision="int8")
     calib = [held_out_inputs(inputs, seed=s) for s in range(4)]
-    cm = compiler.compile_model(model, inputs, precision="int8", calibration_data=calib)
+    cm = compiler.compile_model(model, inputs, precision="int8", calibration_data=calib,
+                                int8_options={"activations": "per_tensor"})
     assert cm.report["verification"]["passed"]
     assert cm.report["accuracy"]["min_cosine"] > 0.999
+    q = cm.report["quantization"]
+    assert q["calibration"] == {"method": "minmax", "batches": 4}
+    assert q["excluded"] == [{"site": 14, "name": "lm_head"}]
+    quantized = [s for s in q["sites"] if not s.get("excluded")]
+    assert len(quantized) == 14 and quantized[0]["name"] == "model.layers.0.self_attn.q_proj"
+    assert q["vnni_matmuls"] == 14
+    act = quantized[0]["activation"]
+    lo, hi = act["range"]
+    assert act["scale"] == pytest.approx((hi - min(lo, 0)) / 255) and 0 <= act["zero_point"] <= 255
+    w = quantized[0]["weight"]
+    assert 0 < w["scale_min"] <= w["scale_mean"] <= w["scale_max"]
+
+    path = cm.export(str(tmp_path / "llama_int8.afm"))
+    manifest = json.loads((tmp_path / "llama_int8.afm" / "manifest.json").read_text())
+    assert manifest["quantization"] == json.loads(json.dumps(q))
+    loaded = attnforge.load(path)
+    x = held_out_inputs(inputs, seed=77)[0].numpy()
+    before, after = cm.run_flat(x), loaded.run_flat(x)
+    assert len(before) == len(after)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compile_model_int8_bert_per_token():
+    """BERT: biases after every Linear (the kernel must not be fused with them), no LM head
+    (nothing excluded by default), per-token activations (the default)."""
+    from attnforge import compiler
+    from attnforge.accuracy import held_out_inputs
+    from attnforge.models import build_hf_model
+
+    if not _has_vnni():
+        pytest.skip("no avx512_vnni in /proc/cpuinfo")
+    model, inputs = build_hf_model("bert", hidden=64, seq_len=40, batch=2)
+    calib = [held_out_inputs(inputs, seed=s) for s in range(2)]
+    cm = compiler.compile_model(model, inputs, precision="int8", calibration_data=calib)
+    q = cm.report["quantization"]
+    assert q["excluded"] == [] and len(q["sites"]) == 12 and q["vnni_matmuls"] == 12
+    assert {s["activation"]["scheme"] for s in q["sites"]} == {"asymmetric per token (dynamic)"}
+    assert cm.report["verification"]["passed"]
+    assert cm.report["accuracy"]["min_cosine"] > 0.999
+
+
+def test_smooth_scales_formula_groups_and_zero_channels():
+    from attnforge.passes.smooth_quant import SmoothQuant
+    from attnforge.quantization import smooth_scales
+
+    mod, p = _mod()
+    absmax = {0: np.linspace(0.0, 7.0, 8).astype(np.float32), 1: np.full(16, 2.0, np.float32)}
+    s = smooth_scales(mod, absmax, alpha=0.5)
+    w0 = np.abs(p["w"]).max(axis=1)
+    assert s[0][0] == 1.0  # a zero activation channel keeps s = 1
+    np.testing.assert_allclose(s[0][1:], np.sqrt(absmax[0][1:]) / np.sqrt(w0[1:]), rtol=1e-6)
+    assert set(smooth_scales(mod, absmax, sites={1})) == {1}
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_scales(mod, absmax, alpha=1.5)
+    # the smoothed module computes the same function in fp32
+    rng = np.random.default_rng(5)
+    xs = [(rng.standard_normal((4, 8)).astype(np.float32),) for _ in range(2)]
+    smoothed = SmoothQuant({0: s[0]})(mod)
+    r0, r1 = calibrate(mod, xs, TARGET), calibrate(smoothed, xs, TARGET)
+    assert r0[1] == pytest.approx(r1[1], rel=1e-5)  # the next site's input is unchanged
+    x_s = np.stack([b[0] for b in xs]) / s[0]
+    assert r1[0] == pytest.approx((x_s.min(), x_s.max()), rel=1e-5)  # site 0 sees x / s
+
+
+def test_weight_only_diagnostic_keeps_fp32_activations():
+    mod, _ = _mod()
+    rng = np.random.default_rng(4)
+    calib = [(rng.standard_normal((4, 8)).astype(np.float32),)]
+    summary = {}
+    q = quantize_int8(mod, calib, TARGET, activations="none", summary=summary)
+    text = q.script(show_meta=False)
+    assert "R.quantize" not in text and text.count("R.dequantize") == 2 and "call_tir" not in text
+    assert summary["sites"][0]["activation"]["dtype"] == "float32"
+    assert summary["vnni_matmuls"] == 0
+    with pytest.raises(ValueError, match="activations="):
+        quantize_int8(mod, calib, TARGET, activations="dynamic")
