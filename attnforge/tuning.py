@@ -2,11 +2,13 @@
 
 ``tune`` imports the model and runs attnforge's passes as ``compile_model`` does, prepares the
 module like TVM's legalize phase (:func:`~attnforge.tuning_apply.prepare_module`), extracts
-the fused PrimFuncs as tasks and tunes them (evolutionary search, XGBoost cost model,
-:mod:`attnforge.tuning_build`'s builder, a local or RPC runner) into a ``JSONDatabase`` plus
-``meta.json``.  ``trials`` is the total budget of the work dir: a rerun counts the records
-already there, so an interrupted job resumes where it stopped and a finished one is a no-op
-(raise ``trials`` to tune further).  See :mod:`attnforge.tuning_db` for the lock and layout.
+the fused PrimFuncs as tasks (attnforge's CPU attention kernels as their design space,
+:mod:`attnforge.schedules.attention_cpu_space`) and tunes them (evolutionary search, XGBoost
+cost model, :mod:`attnforge.tuning_build`'s builder, a local or RPC runner) into a
+``JSONDatabase`` plus ``meta.json``.  ``trials`` is the total budget of the work dir: a
+rerun counts the records already there, so an interrupted job resumes where it stopped and a
+finished one only re-measures its best records against the defaults (raise ``trials`` to
+tune further).  See :mod:`attnforge.tuning_db` for the lock and layout.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .tuning_db import (
 )
 from .tuning_default import count_records, measure_and_seed, record_us, seed_shas, trace_sha
 from .tuning_progress import catch_sigint, make_progress, quiet_tvm_console
+from .tuning_space import local_run_evaluator, tune_contexts
 
 __all__ = [
     "TuneResult",
@@ -128,7 +131,7 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
          seed: int | None = None, callbacks: Sequence[Callable[[dict], None]] = (),
          fuse_attention: bool = True, block_q: int | None = None, block_kv: int = 64,
          mod: tvm.IRModule | None = None, only: Sequence[str] | None = None,
-         measure_defaults: bool = True) -> TuneResult:
+         measure_defaults: bool = True, confirm_rounds: int = 3) -> TuneResult:
     """Tune a PyTorch model's kernels with MetaSchedule and record them in a log directory.
 
     Args:
@@ -151,6 +154,10 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
             ``meta.json`` (``tasks[i]["default_us"]``) and its trace into the database as a
             seed record (not counted as a trial), so ``apply_tuning_logs`` applies a tuned
             record only when it beats the default.  Measured once per work dir and workload.
+        confirm_rounds: at the end of every job, each task's best record and its default are
+            built again and run alternately this many times (min kept; ``meta.json``
+            ``default_confirm``); the gate then compares those two numbers (the first ones
+            were measured minutes apart, under whatever load the host had).  0: skip.
 
     Raises:
         TuningError (ValueError): bad ``trials``/``max_trials_per_task``/``runner``/``rpc``/
@@ -159,8 +166,6 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         KeyboardInterrupt: re-raised after ``meta.json`` is written (``status: interrupted``).
     """
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
-
     from .tuning_build import make_builder
 
     _positive_int("trials", trials)
@@ -206,15 +211,17 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         names = [t.task_name for t in tasks]
         repair_tail(wdir)
         if ms_runner is None:
-            ms_runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
-        write_meta(wdir, _meta(tgt, tag, workload, how, trials, runner_info, status, names,
-                               hashes, tasks, defaults))
+            ms_runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60,
+                                              f_run_evaluator=local_run_evaluator)
+        write_meta(wdir, _keep_tasks(_meta(tgt, tag, workload, how, trials, runner_info, status,
+                                           names, hashes, tasks, defaults), old_meta, hashes))
         if measure_defaults:
             defaults.update(_measure_defaults(wdir, tasks, hashes, tgt, ms_runner, defaults))
             seeds |= {d["default_trace_sha256"] for d in defaults.values()
                       if d.get("default_trace_sha256")}
-            write_meta(wdir, _meta(tgt, tag, workload, how, trials, runner_info, status, names,
-                                   hashes, tasks, defaults))
+            write_meta(wdir, _keep_tasks(_meta(tgt, tag, workload, how, trials, runner_info,
+                                               status, names, hashes, tasks, defaults),
+                                         old_meta, hashes))
         before = count_records(wdir, tag, seeds)
         remaining = trials - sum(before.get(h, 0) for h in hashes)
         if remaining <= 0:
@@ -222,7 +229,8 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         else:
             cb, bar, _ = make_progress(remaining, names, progress, callbacks, state)
             quiet_tvm_console(before=True)
-            contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(wdir), seed=seed)
+            # extracted_tasks_to_tune_contexts, with our design space for attention kernels
+            contexts, weights = tune_contexts(tasks, str(wdir), seed=seed)
             quiet_tvm_console()
             old_sigint = catch_sigint(state)
             try:
@@ -244,6 +252,10 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
                 trials_run = state["done"]
                 if old_sigint is not None:
                     signal.signal(signal.SIGINT, old_sigint)
+        if measure_defaults and confirm_rounds and status == "complete":
+            for h, c in _confirm(wdir, tasks, hashes, tgt, ms_runner, seeds,
+                                 confirm_rounds).items():
+                defaults.setdefault(h, {})["default_confirm"] = c
     finally:
         if bar is not None:
             bar.close()
@@ -259,10 +271,18 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
                     wall_time_s=round(time.time() - t0, 2), trials_run_last=trials_run)
         meta["runs"] = runs + [{"date": meta["date"], "status": status, "trials_run": trials_run,
                                 "wall_time_s": meta["wall_time_s"], "runner": runner_info}]
-        write_meta(wdir, meta)
+        write_meta(wdir, _keep_tasks(meta, old_meta, hashes))
         lock.release()
     return TuneResult(str(wdir), workload, tag, trials, trials_run, meta["trials_in_db"],
                       tasks_out, time.time() - t0, status == "interrupted", how, runner_info)
+
+
+def _keep_tasks(meta: dict, old_meta: dict, hashes) -> dict:
+    """Keep the ``meta.json`` entries of tasks an earlier job in this dir tuned and this one
+    did not (e.g. another ``only=``): their default latencies gate their records."""
+    meta["tasks"] = list(meta["tasks"]) + [t for t in old_meta.get("tasks", [])
+                                           if t.get("workload_hash") not in set(hashes)]
+    return meta
 
 
 def _is_scheduled(func) -> bool:
@@ -279,8 +299,10 @@ def _extract(mod, tgt, workload: str, tag: str, only=None) -> list:
     prepared = prepare_module(mod, tgt)
     if tgt.kind.name == "llvm":
         ensure_cpu_intrinsics()
+    from attnforge.schedules.attention_cpu_space import is_space
+
     tasks = [t for t in extract_tasks(prepared, tuning_target(tgt))
-             if _has_blocks(t.dispatched[0]["main"])
+             if (_has_blocks(t.dispatched[0]["main"]) or is_space(t.dispatched[0]["main"]))
              and not _is_scheduled(t.dispatched[0]["main"])]
     if only:
         tasks = [t for t in tasks if any(s in t.task_name for s in only)]
@@ -303,6 +325,19 @@ def _measure_defaults(wdir, tasks, hashes, tgt, runner, known) -> dict:
         err = f"measuring the default schedule failed: {msg[-1] if msg else repr(e)}"[:300]
         return {h: {"default_us": None, "default_error": err} for h in hashes
                 if known.get(h, {}).get("default_us") is None}
+
+
+def _confirm(wdir, tasks, hashes, tgt, runner, seeds, rounds) -> dict:
+    """:func:`~attnforge.tuning_default.confirm_best`; a failure is recorded, not raised."""
+    from .tuning_build import make_builder, tuning_target
+    from .tuning_default import confirm_best
+
+    try:
+        return confirm_best(wdir, tasks, hashes, tuning_target(tgt), make_builder(), runner,
+                            seeds, rounds)
+    except Exception as e:  # noqa: BLE001 - the job's records stand; the gate uses them
+        msg = str(e).strip().splitlines()
+        return {h: {"error": (msg[-1] if msg else repr(e))[:300]} for h in hashes}
 
 
 def _meta(tgt, tag, workload, how, trials, runner_info, status, names, hashes, tasks,

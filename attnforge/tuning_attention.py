@@ -1,20 +1,13 @@
-"""Block-size search for attnforge's fused CPU attention kernel.
+"""Direct block-size grid search for attnforge's fused CPU attention kernel (a reference).
 
-Why not a MetaSchedule rule: ``schedules/attention_cpu.py`` builds the kernel in TVMScript
-from Python parameters (``block_q``, ``block_kv``, micro-kernel ``rows``) with explicit
-``T.parallel``/``T.vectorized`` loops and no schedulable blocks, so schedule primitives cannot
-address it; and ``block_q``/``block_kv`` are not schedule decisions at all: they set the shapes
-and contents of the block-sparse layout arrays (``kv_num_blocks``/``kv_indices``/
-``kv_is_full``) that ``LowerAttentionToTIR`` adds to the Relax graph, i.e. they change the
-workload MetaSchedule would key its records by.  A MetaSchedule rule would need the kernel
-rewritten as ``sblock``s with ``sch.sample_*`` knobs over a fixed layout (say ``block_kv``
-only, with ``block_q`` fixed by the mask arrays).
-
-So this module searches the grid directly (building one variant takes ~0.1-0.3 s): each
-``(block_q, block_kv, rows)`` is built, checked against a reference once and timed; results
-go to ``attention_blocks.json`` in the tuning-log directory, keyed by the attention
-signature.  ``best_attention_blocks(path, ...)`` reads them back; pass ``block_q``/
-``block_kv`` to ``compile_model``.
+The kernel is tuned through MetaSchedule like every other task (``attnforge.tune``: the design
+space of :mod:`attnforge.schedules.attention_cpu_space`, records in the job's
+``JSONDatabase``, applied by ``compile_model``).  This module times the same grid
+(``block_q`` x ``block_kv`` x ``rows``) exhaustively without MetaSchedule (building one variant
+takes ~0.1-0.3 s), as a cross-check of what the search finds: each variant is built, checked
+against the first one and timed; results go to ``attention_blocks.json`` in the tuning-log
+directory, keyed by the attention signature.  ``best_attention_blocks(path, ...)`` reads them
+back; pass ``block_q``/``block_kv`` to ``compile_model`` to use them by hand.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ def fast_build(mod, target, _params=None):
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .tuning_space import build_candidate
+
+    mod = build_candidate(mod)  # an attention design-space candidate -> its real kernel
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
 

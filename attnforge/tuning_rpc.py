@@ -88,6 +88,8 @@ def make_rpc_runner(rpc, device_key: str | None, *, session_timeout_sec: float =
                           f"at tracker {host}:{port} (keys there: {keys or 'none'})")
     cfg = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=device_key,
                               session_priority=1, session_timeout_sec=int(session_timeout_sec))
+    from .tuning_space import rpc_run_evaluator  # real layout arrays for attention candidates
+
     runner = ms.runner.RPCRunner(rpc_config=cfg, evaluator_config=evaluator_config,
-                                 max_workers=max_workers or n)
+                                 max_workers=max_workers or n, f_run_evaluator=rpc_run_evaluator)
     return runner, {"tracker": f"{host}:{port}", "device_key": device_key, "servers": n}

@@ -1,17 +1,21 @@
 """Benchmark of attnforge's tuning on this CPU (llvm): what tuning buys, and what it costs.
 
-1. Fused attention kernel, causal N=2048, B1 H8 D64 fp32: the compile_model default blocks
-   (64/64, rows 4) vs the best of the block-size search (``tuning_attention``; 27 variants).
+1. Fused attention, causal N=2048, B1 H8 D64 fp32 (an SDPA module through compile_model):
+   untuned (``tuning_logs=False``: block 64/64, rows 4) vs tuned by MetaSchedule over the
+   attention design space (``schedules.attention_cpu_space``: block_q x block_kv x rows,
+   evolutionary search + XGBoost, ``--attn-trials`` trials) and applied through the gate;
+   plus, as a reference, the direct grid search of the same 27 points
+   (``tuning_attention``) and torch SDPA.
 2. Llama (hidden 512, 2 layers, 8 heads / 4 kv heads, seq 512, batch 1): attnforge untuned
-   (compile_model as it is), attnforge with the CPU default schedules
-   (``schedules.cpu_schedule``), attnforge tuned (MetaSchedule, ``--trials`` trials on the
-   matmul tasks by default (``--only``), logs applied where a record beat the task's default
-   schedule as measured by ``tune``, other functions default-scheduled),
-   eager PyTorch and ``torch.compile``; plus the tuning wall time.  Times are min / median ms
-   over interleaved runs (shared host); TVM and torch variants are timed in separate groups
-   so one runtime's spinning thread pool does not starve the other.
+   (``tuning_logs=False``), attnforge tuned (the log dir: the matmul records of the earlier
+   ``--trials``-trial job plus ``--attn-trials`` trials on the attention task; a record is
+   applied only where it beat the task's default schedule measured by ``tune``), the same
+   through ``compile_model``'s default (shipped logs), eager PyTorch and ``torch.compile``;
+   plus the tuning wall time.  Times are min / median ms over interleaved runs (shared
+   host); TVM and torch variants are timed in separate groups so one runtime's spinning thread
+   pool does not starve the other.
 
-    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/tuning_cpu.py [--trials 80] [--only matmul]
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/tuning_cpu.py [--attn-trials 24]
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=80, help="MetaSchedule trials for Llama")
+    p.add_argument("--trials", type=int, default=80,
+                   help="MetaSchedule trial budget of the Llama matmul tasks (records already "
+                   "in the log count: a finished log is not re-tuned)")
+    p.add_argument("--attn-trials", type=int, default=24,
+                   help="MetaSchedule trials on each attention task (design space: 27 points)")
     p.add_argument("--per-iter", type=int, default=16, help="trials per task per round")
     p.add_argument("--only", action="append", default=None,
-                   help="tune only tasks containing this (default: matmul; 'all' for every task)")
+                   help="Llama matmul job: tune only tasks containing this (default: matmul)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small sizes, few trials (smoke)")
@@ -67,50 +75,77 @@ def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:
                 "runs": len(v)} for k, v in samples.items()}
 
 
-def _bind(fn, q, k, v, arrs, out):
-    return lambda: fn(q, k, v, *arrs, out)
+class CausalSDPA(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _knobs(report: dict) -> dict | None:
+    for f in report["tuning"].get("functions", []):
+        if "attention" in f["name"]:
+            return {"status": f["status"], "reason": f.get("reason"),
+                    "knobs": f.get("attention_knobs"), "tuned_us": f.get("tuned_us"),
+                    "default_us": f.get("default_us")}
+    return None
 
 
 def attention_case(quick: bool) -> dict:
-    from attnforge.schedules.attention_cpu import fused_attention_cpu
-    from attnforge.schedules.block_mask import MaskSpec
-
+    import attnforge
     from attnforge.target import parse_target
+    from attnforge.tuning import tune
     from attnforge.tuning_attention import tune_attention_blocks
     from attnforge.tuning_db import default_log_dir
 
     n = 512 if quick else 2048
     tgt = parse_target("llvm")
-    t0 = time.time()
-    res = tune_attention_blocks(batch=1, q_heads=8, q_len=n, head_dim=64, causal=True,
-                                work_dir=default_log_dir(tgt, "attention-causal"), repeat=3)
-    search_s = time.time() - t0
-    best = res["best"]
+    name = f"attention-causal-n{n}"
+    wdir = default_log_dir(tgt, name)
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 8, n, 64) for _ in range(3))
-    fns, outs = {}, {}
-    for label, (bq, bk, rows) in {"default 64/64/4": (64, 64, 4),
-                                  f"tuned {best['block_q']}/{best['block_kv']}/{best['rows']}":
-                                  (best["block_q"], best["block_kv"], best["rows"])}.items():
-        f, bm = fused_attention_cpu(1, 8, 8, n, n, 64, mask=MaskSpec.causal(), block_q=bq,
-                                    block_kv=bk, rows=rows)
-        lib = tvm.compile(tvm.IRModule({"main": f}), target=tgt)
-        arrs = [torch.from_numpy(a) for a in (bm.kv_num_blocks, bm.kv_indices, bm.kv_is_full)]
-        out = torch.empty(1, 8, n, 64)
-        outs[label] = out
-        fns[label] = _bind(lib["main"], q, k, v, arrs, out)
+    model = CausalSDPA()
+    t0 = time.time()
+    res = tune(model, (q, k, v), tgt, trials=ARGS.attn_trials, work_dir=wdir, workload=name,
+               num_trials_per_iter=8, progress=True, seed=0, only=["attention"])
+    tune_s = time.time() - t0
+    untuned = attnforge.compile_model(model, (q, k, v), tuning_logs=False)
+    tuned = attnforge.compile_model(model, (q, k, v), tuning_logs=str(wdir))
+    t0 = time.time()
+    try:
+        grid = tune_attention_blocks(batch=1, q_heads=8, q_len=n, head_dim=64, causal=True,
+                                     work_dir=default_log_dir(tgt, "attention-causal"),
+                                     repeat=3)
+    except Exception as e:  # noqa: BLE001 - a reference only: record the failure
+        grid = {"results": [], "best": None, "default_ms": None, "error": str(e)[-300:]}
+    grid_s = time.time() - t0
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    fns["torch SDPA eager (is_causal)"] = lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True)
+    fns = {"untuned (tuning_logs=False, 64/64/4)": lambda: untuned(q, k, v),
+           "tuned (MetaSchedule record, gated)": lambda: tuned(q, k, v)}
     times = interleaved(fns, ARGS.repeat)
-    err = {k_: float((o - ref).abs().max() / ref.abs().max()) for k_, o in outs.items()}
-    return {"case": f"fused attention causal B1 H8 N{n} D64 fp32", "search_wall_s":
-            round(search_s, 1), "variants": len(res["results"]), "search_best": best,
-            "search_default_ms": res["default_ms"], "times": times, "max_rel_err_vs_sdpa": err}
+    times.update(interleaved({"torch SDPA eager (is_causal)": lambda: torch.nn.functional
+                              .scaled_dot_product_attention(q, k, v, is_causal=True)},
+                             ARGS.repeat))
+    err = {lbl: float((cm(q, k, v) - ref).abs().max() / ref.abs().max())
+           for lbl, cm in (("untuned", untuned), ("tuned", tuned))}
+    speedup = (times["untuned (tuning_logs=False, 64/64/4)"]["min_ms"]
+               / times["tuned (MetaSchedule record, gated)"]["min_ms"])
+    return {"case": f"fused attention causal B1 H8 N{n} D64 fp32 (SDPA module)",
+            "metaschedule": {"trials": ARGS.attn_trials, "trials_in_db": res.trials_in_db,
+                             "tuning_wall_s": round(tune_s, 1), "task": res.tasks,
+                             "log_dir": str(wdir.relative_to(ROOT)),
+                             "applied": _knobs(tuned.report)},
+            "grid_search_reference": {"variants": len(grid["results"]),
+                                      "wall_s": round(grid_s, 1), "best": grid["best"],
+                                      "default_ms": grid["default_ms"],
+                                      "error": grid.get("error")},
+            "times": times, "max_rel_err_vs_sdpa": err,
+            "speedup_tuned_vs_untuned_min": round(speedup, 3),
+            "target_1_3x_met": speedup >= 1.3}
 
 
 def llama_case(quick: bool) -> dict:
     import attnforge
     from attnforge.compiler import _build
+    from attnforge.schedules.cpu_schedule import cpu_schedule_pass
     from attnforge.models import build_hf_model
     from attnforge.target import parse_target
     from attnforge.tuning import apply_tuning_logs, import_and_lower, tune
@@ -137,58 +172,67 @@ def llama_case(quick: bool) -> dict:
         return r.numpy()
 
     t0 = time.time()
-    cm = attnforge.compile_model(model, inputs, target="llvm", verify=False)
+    cm = attnforge.compile_model(model, inputs, target="llvm", verify=False, tuning_logs=False)
     rows["compile_untuned_s"] = round(time.time() - t0, 1)
-    fns = {"attnforge untuned (compile_model)": lambda: cm.run_flat(
+    fns = {"attnforge untuned (tuning_logs=False)": lambda: cm.run_flat(
         *[x.numpy() for x in inputs])}
     mod, how = import_and_lower(model, inputs, tgt)
-    try:
-        from attnforge.schedules.cpu_schedule import cpu_build_pipeline, cpu_schedule_pass
-    except ImportError:
-        cpu_build_pipeline = cpu_schedule_pass = None
-    if cpu_build_pipeline is not None:
-        try:
-            ex = _build(cpu_build_pipeline(tgt)(mod), tgt)
-            fns["attnforge default CPU schedules"] = vm_fn(ex)
-        except Exception as e:  # noqa: BLE001 - schedules/ is work in progress: record it
-            rows["default_schedules_error"] = str(e).strip().splitlines()[-1][:300]
-            cpu_schedule_pass = None
     t0 = time.time()
-    only = None if ARGS.only == ["all"] else (ARGS.only or ["matmul"])
+    only = ARGS.only or ["matmul"]
     res = tune(model, inputs, tgt, trials=trials, work_dir=wdir, workload=name,
                num_trials_per_iter=ARGS.per_iter, progress=True, seed=0, only=only)
-    tune_s = time.time() - t0
+    matmul_s = time.time() - t0
+    t0 = time.time()
+    res_attn = tune(model, inputs, tgt, trials=ARGS.attn_trials, work_dir=wdir, workload=name,
+                    num_trials_per_iter=8, progress=True, seed=0, only=["attention"])
+    attn_s = time.time() - t0
     applied, report = apply_tuning_logs(mod, tgt, wdir)
-    if cpu_schedule_pass is not None:  # default schedules for what the log does not cover
-        try:
-            applied = cpu_schedule_pass(tgt)(applied)
-            rows["tuned_rest"] = "schedules.cpu_schedule defaults"
-        except Exception as e:  # noqa: BLE001
-            rows["tuned_rest_error"] = str(e).strip().splitlines()[-1][:300]
-    rows.setdefault("tuned_rest", "unscheduled (tvm.compile default)")
+    applied = cpu_schedule_pass(tgt)(applied)  # default schedules for what the log lacks
     ex = _build(applied, tgt)
-    fns["attnforge tuned"] = vm_fn(ex)
-    err = float(np.abs(out0(fns["attnforge tuned"]()) - ref).max() / np.abs(ref).max())
+    fns["attnforge tuned (log applied, gated)"] = vm_fn(ex)
+    t0 = time.time()
+    shipped = attnforge.compile_model(model, inputs, target="llvm")  # default: shipped logs
+    rows["compile_shipped_s"] = round(time.time() - t0, 1)
+    fns["attnforge compile_model default (shipped logs)"] = lambda: shipped.run_flat(
+        *[x.numpy() for x in inputs])
+    err = float(np.abs(out0(fns["attnforge tuned (log applied, gated)"]()) - ref).max()
+                / np.abs(ref).max())
     times = interleaved(fns, ARGS.repeat)  # TVM variants among themselves (thread pools)
     tc = torch.compile(model)
     with torch.no_grad():
         tc(*inputs)
         times.update(interleaved({"torch eager": lambda: model(*inputs),
                                   "torch.compile": lambda: tc(*inputs)}, ARGS.repeat))
+    tuned_ms = times["attnforge tuned (log applied, gated)"]["min_ms"]
     return {"case": f"Llama hidden {hidden}, 2 layers, 8 heads / 4 kv, seq {seq}, batch 1",
-            "frontend": how, "trials": trials, "trials_per_iter": ARGS.per_iter,
-            "tuned_tasks_filter": only,
-            "trials_in_db": res.trials_in_db, "trials_run_now": res.trials_run,
-            "tuning_wall_s": round(tune_s, 1), "tasks": len(res.tasks),
-            "tuned_functions": len(report["tuned"]),
+            "frontend": how, "matmul_trials": trials, "trials_per_iter": ARGS.per_iter,
+            "matmul_tasks_filter": only, "attention_trials": ARGS.attn_trials,
+            "trials_in_db": res.trials_in_db + res_attn.trials_in_db,
+            "trials_run_now": res.trials_run + res_attn.trials_run,
+            "tuning_wall_s_this_run": {"matmul": round(matmul_s, 1),
+                                       "attention": round(attn_s, 1)},
+            "tuning_wall_s_recorded": _recorded_wall(wdir),
+            "tuned_functions": report["tuned"],
             "default_functions": len(report["default_scheduled"]),
             "tuning_tasks": [{k: t.get(k) for k in ("name", "weight", "trials", "best_us",
                                                     "default_us", "default_rule")}
-                             for t in res.tasks],
+                             for t in res.tasks + res_attn.tasks],
+            "attention": _knobs({"tuning": report}),
             "rejected_slower_than_default": report.get("slower_than_default", []),
             "default_comparison": report.get("default_comparison"),
+            "shipped_logs_report": {k: shipped.report["tuning"].get(k) for k in
+                                    ("auto", "applied", "tuned", "reason")},
             "log_dir": str(wdir.relative_to(ROOT)) if wdir.is_relative_to(ROOT) else str(wdir),
-            "max_rel_err_tuned_vs_eager": err, "times": times, **rows}
+            "max_rel_err_tuned_vs_eager": err, "times": times,
+            "tuned_faster_than_torch_compile_min": tuned_ms < times["torch.compile"]["min_ms"],
+            **rows}
+
+
+def _recorded_wall(wdir: Path) -> list:
+    """Wall time of every job recorded in the log's meta.json (earlier runs included)."""
+    meta = json.loads((wdir / "meta.json").read_text())
+    return [{k: r.get(k) for k in ("date", "status", "trials_run", "wall_time_s")}
+            for r in meta.get("runs", [])]
 
 
 def main() -> int:

@@ -100,6 +100,7 @@ def _with_default(tuned, tmp_path, factor):
     shutil.copytree(tuned["dir"], d)
     meta = json.loads((d / "meta.json").read_text())
     for t in meta["tasks"]:
+        t.pop("default_confirm", None)  # the re-measured pair would take precedence
         if factor is None:
             t.pop("default_us")
         else:
@@ -329,3 +330,20 @@ def test_attention_block_search_records_choice(tmp_path):
     assert best_attention_blocks(tmp_path, "b9-nope") is None
     with pytest.raises(TuningError, match="space"):
         tune_attention_blocks(q_len=64, space={"block_q": (0,)}, progress=False)
+
+
+def test_job_remeasures_best_against_default(tuned):
+    """The end of a job re-measures its best record and the default alternately; the gate
+    uses that pair (see test_measured_comparison_is_consistent)."""
+    from attnforge.tuning_db import read_log
+    from attnforge.tuning_default import record_us, seed_shas, trace_sha
+
+    meta = json.loads((tuned["dir"] / "meta.json").read_text())
+    (task,) = meta["tasks"]
+    conf = task["default_confirm"]
+    assert conf["rounds"] == 3 and conf["best_us"] > 0 and conf["default_us"] > 0, conf
+    log = read_log(tuned["dir"])
+    seeds = seed_shas(meta)
+    timed = [(record_us(r), trace_sha(r[0])) for _, r in log.records
+             if trace_sha(r[0]) not in seeds and record_us(r) is not None]
+    assert conf["trace_sha256"] == min(timed)[1]  # the record MetaSchedule would apply

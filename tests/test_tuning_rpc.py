@@ -113,3 +113,21 @@ def test_rpc_server_dies_mid_job(rpc_cluster, tmp_path):
     assert killed and not res.interrupted
     assert res.trials_run == 4 and res.trials_in_db == 4
     assert res.tasks[0]["best_us"] is not None
+
+
+@pytest.mark.slow
+def test_rpc_tunes_attention_kernel(rpc_cluster, tmp_path):
+    """The attention design space over RPC: the remote evaluator gets the real layout arrays
+    (random kv_indices would read out of bounds), so candidates run and are timed."""
+    tracker, _ = rpc_cluster
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x = tuple(torch.randn(1, 2, 100, 32) for _ in range(3))
+    res = tune(Attn(), x, "llvm", trials=2, work_dir=tmp_path / "attn", num_trials_per_iter=2,
+               rpc=("127.0.0.1", tracker.port), device_key=KEY, progress=False, seed=0,
+               only=["attention"])
+    (task,) = res.tasks
+    assert task["trials"] == 2 and task["best_us"] > 0 and task["default_us"] > 0, task
