@@ -21,6 +21,13 @@ def compile_model(model, example_inputs, **kwargs):
     return _compile(model, example_inputs, **kwargs)
 
 
+def compile_generator(hf_causal_lm, **kwargs):
+    """Compiled prefill + paged-KV decode; see :func:`attnforge.generation.compile_generator`."""
+    from .generation import compile_generator as _compile_generator
+
+    return _compile_generator(hf_causal_lm, **kwargs)
+
+
 def load(path: str, device: str | None = None, allow_source_fallback: bool = False):
     """Load an exported artifact; see :func:`attnforge.artifact.load_artifact`."""
     from .artifact import load_artifact
@@ -40,6 +47,7 @@ def __getattr__(name):
 __all__ = [
     "FrontendError",
     "UnsupportedOpError",
+    "compile_generator",
     "compile_model",
     "load",
     "AttnforgeError",

@@ -4,6 +4,7 @@
     attnforge run ARTIFACT [--inputs FILE.npz] [--repeat N]
     attnforge inspect ARTIFACT
     attnforge tune MODEL --target T --trials N [--work-dir DIR] [--rpc HOST:PORT --device-key K]
+    attnforge generate MODEL [--prompt IDS | --prompt-len N] [--max-new-tokens N] [--sample ...]
     attnforge demo
 
 MODEL is a built-in tiny config (gpt2, llama, mistral, bert, vit) or ``package.module:factory``
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_tune import add_tune_parser, cmd_tune
 
     add_tune_parser(sub)
+    from .cli_generate import add_generate_parser, cmd_generate
+
+    add_generate_parser(sub)
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo()
         return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect,
-                "tune": cmd_tune}[args.cmd](args)
+                "tune": cmd_tune, "generate": cmd_generate}[args.cmd](args)
     except (AttnforgeError, ValueError) as e:
         print(f"attnforge {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ import torch
 from torch import fx
 from tvm import relax
 
+from .index_put import convert_index_put
+
 
 def torch_dtype_str(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"`` (TVM's dtype spelling)."""
@@ -58,4 +60,5 @@ def _cumsum(node: fx.Node, importer: Any) -> relax.Var:
 #: ``{op key: converter}`` in TVM's ``custom_convert_map`` format (keys are ``target.__name__``).
 CONVERTERS: dict[str, Callable[[fx.Node, Any], relax.Var]] = {
     "cumsum.default": _cumsum,
+    "index_put.default": convert_index_put,
 }
