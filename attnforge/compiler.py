@@ -68,11 +68,18 @@ def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
     from attnforge.schedules.cpu_schedule import cpu_build_pipeline, cpu_schedule_pass
 
     stats: Counter = Counter()
-    tuning = {"applied": False, "reason": "no tuning_logs given: default schedules"}
-    if tuning_logs is not None:
+    tuning = {"applied": False, "reason": "tuning_logs=False: default schedules"}
+    if tuning_logs is None:  # default: logs shipped in tuning_logs/<target-tag>/ that match
+        from .tuning_auto import apply_shipped_logs
+
+        shipped, tuning = apply_shipped_logs(mod, target)
+        if shipped is not None:
+            mod, tuning_logs = shipped, "shipped"
+    elif tuning_logs is not False:
         from .tuning_apply import apply_tuning_logs
 
         mod, tuning = apply_tuning_logs(mod, target, tuning_logs)  # legalized + fused
+    if tuning_logs is not None and tuning_logs is not False:
         if not is_cuda(target):
             with target:
                 mod = cpu_schedule_pass(target, stats)(mod)
@@ -136,11 +143,12 @@ def compile_model(
     precision: str = "float32",
     block_q: int | None = None,
     block_kv: int = 64,
-    tuning_logs: str | None = None,
+    tuning_logs: str | bool | None = None,
     sparsity=None,
     rtol: float | None = None,
     calibration_data=None,
-    int8_exclude=("lm_head",),
+    int8_exclude=None,
+    int8_options: dict | None = None,
 ) -> CompiledModel:
     """Compile a PyTorch model with TVM, attention fused into attnforge's kernels.
 
@@ -157,22 +165,31 @@ def compile_model(
         fuse_attention: run attnforge's attention passes (False: stock TVM lowering).
         precision: ``"float32"``; ``"float16"`` (attention kernels in fp16 on CUDA, other
             matmuls through TVM's ``ToMixedPrecision`` with fp32 accumulation, weights stored
-            in fp16); ``"bfloat16"`` (attention kernels in bf16; other ops stay fp32 because
-            TVM's AMP and dlight have no bf16 tensor-core path).
+            in fp16); ``"bfloat16"`` (attention kernels in bf16; on llvm every constant matmul
+            weight is stored in bf16 and computed in fp32 (``StoreWeightsBF16``), on CUDA the
+            other ops stay fp32 because TVM's AMP and dlight have no bf16 tensor-core path).
         block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
         tuning_logs: MetaSchedule log directory (``attnforge tune`` writes one) whose matching
-            records replace the default schedules; ``cm.report["tuning"]`` says which tasks
-            were tuned and why others were not.
+            records replace the default schedules.  Default (None): the logs shipped in
+            ``tuning_logs/<target-tag>/`` when one of their workloads is a kernel of this model
+            (``attnforge.tuning_auto``); ``False``: no logs.  Either way a record is applied
+            only when it beat the default schedule measured by the same runner;
+            ``cm.report["tuning"]`` says which tasks were tuned and why others were not.
         sparsity: an ``attnforge.sparsity`` policy ANDed into every attention site's mask. When
             it changes the model's function, the comparison with dense eager is reported but
             not enforced; measure the change with ``attnforge.sparsity.evaluate``.
         rtol: verification tolerance (default by precision: fp32 1e-4, fp16 2e-2, bf16 5e-2).
         calibration_data: for ``precision="int8"`` (llvm with AVX-512 VNNI only): a non-empty
-            list of input tuples like ``example_inputs``; activation ranges (min/max) come
-            from running the fp32 module on them. Every ``nn.Linear`` becomes a u8 x s8 VNNI
-            matmul (per-channel weight scales, per-tensor activation scale / zero point).
-        int8_exclude: ``nn.Linear`` module names or matmul indices kept in fp32 (default: the
-            LM head).
+            list of input tuples like ``example_inputs``. Every ``nn.Linear`` becomes a u8 x s8
+            VNNI matmul with per-output-channel weight scales; activations are quantised per
+            token at run time by default, or per tensor with ranges calibrated on this data
+            (``int8_options``); the batches are always checked (NaN/inf are refused).
+        int8_exclude: ``nn.Linear`` module names or matmul indices kept in fp32 (default:
+            the LM head, ``"lm_head"``, when the model has one).
+        int8_options: keyword arguments of ``attnforge.quantization.quantize_int8``:
+            ``activations`` (``"per_token"`` default, ``"per_tensor"``), ``method``
+            (``"minmax"`` default, ``"percentile"``) and ``percentile`` for per-tensor
+            calibration, ``smooth_alpha`` (SmoothQuant strength; default None: off).
 
     Returns:
         A :class:`CompiledModel`; ``cm.report`` holds the attention sites and verification.
@@ -201,14 +218,25 @@ def compile_model(
     t0 = time.perf_counter()
     mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision, sparsity)
     timings["passes"] = time.perf_counter() - t0
+    if precision == "bfloat16" and not is_cuda(tgt):  # CPU: bf16 weights, fp32 compute
+        from tvm import relax
+
+        from attnforge.passes.store_weights_bf16 import StoreWeightsBF16
+
+        mod = StoreWeightsBF16()(relax.transform.FoldConstant()(mod))
     if precision == "int8":
         from .quantization import quantize_int8
 
         t0 = time.perf_counter()
-        mod = quantize_int8(mod, list(calibration_data), tgt, exclude=int8_exclude, model=model)
+        quantization: dict = {}
+        mod = quantize_int8(mod, list(calibration_data), tgt, exclude=int8_exclude, model=model,
+                            summary=quantization, **(int8_options or {}))
         timings["quantize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mod, schedules, tuning = _schedule(mod, tgt, tuning_logs)
+    from .quantization import constant_bytes
+
+    weight_bytes = constant_bytes(mod)  # the weights as stored in the built module
     executable = _build(mod, tgt)
     timings["build"] = time.perf_counter() - t0
 
@@ -223,10 +251,16 @@ def compile_model(
         "tuning": tuning,
         "sparsity": None if sparsity is None else {
             "policy": sparsity.describe(),
-            "changed_sites": [e["site"] for e in sites if e.get("sparsity_changed")]},
+            "changed_sites": [e["site"] for e in sites if e.get("sparsity_changed")],
+            # length dispatch: the choice happens at run time, in the compiled module
+            "dispatch": [{"site": e["site"], **e["dispatch"]} for e in sites
+                         if e.get("dispatch")] or None},
         "verification": {"skipped": True, "reason": "verify=False"},
         "timings_s": timings,
+        "weight_bytes": weight_bytes,
     }
+    if precision == "int8":
+        report["quantization"] = quantization
     cm = CompiledModel(executable, tgt, imp.input_specs, imp.output_desc, report,
                        output_spec=imp.output_spec)
     if verify:
