@@ -43,19 +43,22 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
     from tvm import relax
 
     from attnforge.passes.attention_report import attention_rejections, attention_report
-    from attnforge.passes.pipeline import attention_pipeline
+    from attnforge.passes.pipeline import attention_pipeline, mixed_precision_passes
 
-    amp = precision == "float16"  # TVM's AMP: fp16 matmuls (weights folded), fp32 accumulate
+    # Low-precision matmuls, fp32 accumulation, weights folded: TVM's AMP for fp16,
+    # passes.BFloat16Matmuls for bf16 (tensor cores on CUDA via schedules.matmul_bf16_cuda).
+    amp = precision in ("float16", "bfloat16")
     if not fuse_attention:
         if sparsity is not None:
             raise ValueError("sparsity= needs fuse_attention=True (the policy is inserted into "
                              "the fused attention sites)")
         if amp:
-            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+            mod = mixed_precision_passes(precision)(mod)
         return mod, []
     mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv,
                              compute_dtype=_attention_dtype(target, precision),
-                             mixed_precision=amp, sparsity=sparsity)(mod)
+                             mixed_precision=precision if amp else None,
+                             sparsity=sparsity)(mod)
     return mod, attention_report(mod) + attention_rejections(mod)
 
 
@@ -79,6 +82,11 @@ def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
     elif not is_cuda(target):
         with target:
             mod = cpu_build_pipeline(target, stats=stats)(mod)
+    else:
+        from attnforge.schedules.cuda_schedule import cuda_build_pipeline
+
+        with target:
+            mod = cuda_build_pipeline(target, stats=stats)(mod)
     return mod, dict(stats), tuning
 
 
@@ -157,8 +165,8 @@ def compile_model(
         fuse_attention: run attnforge's attention passes (False: stock TVM lowering).
         precision: ``"float32"``; ``"float16"`` (attention kernels in fp16 on CUDA, other
             matmuls through TVM's ``ToMixedPrecision`` with fp32 accumulation, weights stored
-            in fp16); ``"bfloat16"`` (attention kernels in bf16; other ops stay fp32 because
-            TVM's AMP and dlight have no bf16 tensor-core path).
+            in fp16); ``"bfloat16"`` (attention kernels in bf16; every other matmul with bf16
+            operands and fp32 accumulation, weights stored in bf16, the rest fp32).
         block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
         tuning_logs: MetaSchedule log directory (``attnforge tune`` writes one) whose matching
             records replace the default schedules; ``cm.report["tuning"]`` says which tasks
