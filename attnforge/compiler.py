@@ -109,7 +109,15 @@ def _flatten_eager(model, inputs) -> list[np.ndarray]:
     with torch.no_grad():
         out = model(*inputs)
     leaves = _pytree.tree_flatten(out)[0]
-    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+    return [_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _numpy(t) -> np.ndarray:
+    """A torch tensor as numpy; bf16 (which numpy lacks) widened exactly to fp32."""
+    import torch
+
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _output_names(desc: dict, n: int) -> list[str]:
@@ -272,7 +280,11 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
 
     def run_both(xs):
         ref = _flatten_eager(model, xs)
-        return ref, runner.run_flat(*[x.detach().cpu().numpy() for x in xs])
+        import torch
+
+        dev = runner.device_type_torch()  # bf16 has no numpy dtype: pass torch tensors
+        outs = runner.run_flat(*[x.detach().to(dev) for x in xs])
+        return ref, [_numpy(t) if isinstance(t, torch.Tensor) else t for t in outs]
 
     ref, got = run_both(inputs)
     names = _output_names(cm.output_desc, len(ref))
