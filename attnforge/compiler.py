@@ -35,37 +35,44 @@ def _attention_dtype(target: tvm.target.Target, precision: str) -> str | None:
 
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
-           block_q: int | None, block_kv: int, precision: str = "float32", sparsity=None):
+           block_q: int | None, block_kv: int, precision: str = "float32", sparsity=None,
+           numerics_of: tvm.target.Target | None = None):
     """Run attnforge's Relax passes; returns (module, attention sites).
 
     The sites list ends with the candidates the recognition pass left alone
-    (``"fused": False`` with the reason)."""
+    (``"fused": False`` with the reason).  ``numerics_of``: build for ``target`` with the
+    low-precision passes of that target (the CPU twin of a CUDA build)."""
     from tvm import relax
 
     from attnforge.passes.attention_report import attention_rejections, attention_report
-    from attnforge.passes.pipeline import attention_pipeline
+    from attnforge.passes.pipeline import attention_pipeline, mixed_precision_passes
 
-    amp = precision == "float16"  # TVM's AMP: fp16 matmuls (weights folded), fp32 accumulate
+    # Low-precision matmuls, fp32 accumulation, weights folded: TVM's AMP for fp16; for bf16
+    # on CUDA passes.BFloat16Matmuls (tensor cores via schedules.matmul_bf16_cuda); bf16 on
+    # the CPU stores weights only (StoreWeightsBF16 in compile_model), activations stay fp32.
+    amp = precision == "float16" or (precision == "bfloat16" and is_cuda(numerics_of or target))
     if not fuse_attention:
         if sparsity is not None:
             raise ValueError("sparsity= needs fuse_attention=True (the policy is inserted into "
                              "the fused attention sites)")
         if amp:
-            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+            mod = mixed_precision_passes(precision)(mod)
         return mod, []
     mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv,
                              compute_dtype=_attention_dtype(target, precision),
-                             mixed_precision=amp, sparsity=sparsity)(mod)
+                             mixed_precision=precision if amp else None,
+                             sparsity=sparsity)(mod)
     return mod, attention_report(mod) + attention_rejections(mod)
 
 
 def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
     """Apply tuning records (if given), then schedule the rest: our CPU rules on llvm (TVM's
-    default CPU pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls), dlight on CUDA (inside
-    ``tvm.compile``). Returns ``(module, per-rule counts, tuning report)``."""
+    default CPU pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls), bf16 tensor cores and
+    dlight on CUDA. Returns ``(module, per-rule counts, tuning report)``."""
     from collections import Counter
 
     from attnforge.schedules.cpu_schedule import cpu_build_pipeline, cpu_schedule_pass
+    from attnforge.schedules.cuda_schedule import cuda_build_pipeline, cuda_schedule_pass
 
     stats: Counter = Counter()
     tuning = {"applied": False, "reason": "tuning_logs=False: default schedules"}
@@ -79,13 +86,12 @@ def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
         from .tuning_apply import apply_tuning_logs
 
         mod, tuning = apply_tuning_logs(mod, target, tuning_logs)  # legalized + fused
-    if tuning_logs is not None and tuning_logs is not False:
-        if not is_cuda(target):
-            with target:
-                mod = cpu_schedule_pass(target, stats)(mod)
-    elif not is_cuda(target):
-        with target:
-            mod = cpu_build_pipeline(target, stats=stats)(mod)
+    legalized = tuning_logs is not None and tuning_logs is not False
+    with target:
+        if is_cuda(target):
+            mod = (cuda_schedule_pass if legalized else cuda_build_pipeline)(target, stats)(mod)
+        else:
+            mod = (cpu_schedule_pass if legalized else cpu_build_pipeline)(target, stats)(mod)
     return mod, dict(stats), tuning
 
 
@@ -108,7 +114,15 @@ def _flatten_eager(model, inputs) -> list[np.ndarray]:
     with torch.no_grad():
         out = model(*inputs)
     leaves = _pytree.tree_flatten(out)[0]
-    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+    return [_numpy(t) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _numpy(t) -> np.ndarray:
+    """A torch tensor as numpy; bf16 (which numpy lacks) widened exactly to fp32."""
+    import torch
+
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _output_names(desc: dict, n: int) -> list[str]:
@@ -166,8 +180,9 @@ def compile_model(
         precision: ``"float32"``; ``"float16"`` (attention kernels in fp16 on CUDA, other
             matmuls through TVM's ``ToMixedPrecision`` with fp32 accumulation, weights stored
             in fp16); ``"bfloat16"`` (attention kernels in bf16; on llvm every constant matmul
-            weight is stored in bf16 and computed in fp32 (``StoreWeightsBF16``), on CUDA the
-            other ops stay fp32 because TVM's AMP and dlight have no bf16 tensor-core path).
+            weight is stored in bf16 and computed in fp32 (``StoreWeightsBF16``); on CUDA every
+            other matmul takes bf16 operands with fp32 accumulation on tensor cores
+            (``BFloat16Matmuls`` + ``MatmulTensorCoreBF16``), norms/softmax stay fp32).
         block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
         tuning_logs: MetaSchedule log directory (``attnforge tune`` writes one) whose matching
             records replace the default schedules.  Default (None): the logs shipped in
@@ -290,7 +305,8 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
         if not is_cuda(tgt):
             raise TargetError(f"cannot verify for {target_tag(tgt)} on this machine")
         cpu = host_target()
-        mod, _ = _lower(imported_mod, cpu, fuse_attention, None, block_kv, precision, sparsity)
+        mod, _ = _lower(imported_mod, cpu, fuse_attention, None, block_kv, precision, sparsity,
+                        numerics_of=tgt)
         mod, _, _ = _schedule(mod, cpu)
         runner = CompiledModel(_build(mod, cpu), cpu, cm.input_specs, cm.output_desc, {})
         note = (f"no GPU here: the same pipeline was built for this CPU ({target_tag(cpu)}) "
@@ -298,7 +314,11 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
 
     def run_both(xs):
         ref = _flatten_eager(model, xs)
-        return ref, runner.run_flat(*[x.detach().cpu().numpy() for x in xs])
+        import torch
+
+        dev = runner.device_type_torch()  # bf16 has no numpy dtype: pass torch tensors
+        outs = runner.run_flat(*[x.detach().to(dev) for x in xs])
+        return ref, [_numpy(t) if isinstance(t, torch.Tensor) else t for t in outs]
 
     ref, got = run_both(inputs)
     names = _output_names(cm.output_desc, len(ref))

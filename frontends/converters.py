@@ -57,8 +57,33 @@ def _cumsum(node: fx.Node, importer: Any) -> relax.Var:
     return bb.emit(relax.op.cumsum(x, axis=axis, dtype=out_dtype))
 
 
+def _addmm(node: fx.Node, importer: Any) -> relax.Var:
+    """``aten.addmm.default`` (``nn.Linear`` with bias): ``beta * bias + alpha * (m1 @ m2)``.
+
+    TVM's converter always emits the matmul with ``out_dtype="float32"`` and then adds the bias
+    in its own dtype, so fp16 / bf16 models fail to import ("Binary operators must have the
+    same datatype").  We accumulate in fp32 as torch's kernels do, add the bias in fp32 and
+    cast the sum to the dtype torch.export recorded for the node.
+    """
+    bb = importer.block_builder
+    bias, m1, m2 = (importer.env[a] for a in node.args[:3])
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    out_dtype = meta_dtype(node) or m1.ty.dtype
+    res = bb.emit(relax.op.matmul(m1, m2, out_dtype="float32"))
+    if alpha != 1:
+        res = bb.emit(relax.op.multiply(res, relax.const(alpha, "float32")))
+    if beta != 0:
+        if bias.ty.dtype != "float32":
+            bias = bb.emit(relax.op.astype(bias, "float32"))
+        if beta != 1:
+            bias = bb.emit(relax.op.multiply(bias, relax.const(beta, "float32")))
+        res = bb.emit(relax.op.add(res, bias))
+    return res if out_dtype == "float32" else bb.emit(relax.op.astype(res, out_dtype))
+
+
 #: ``{op key: converter}`` in TVM's ``custom_convert_map`` format (keys are ``target.__name__``).
 CONVERTERS: dict[str, Callable[[fx.Node, Any], relax.Var]] = {
+    "addmm.default": _addmm,
     "cumsum.default": _cumsum,
     "index_put.default": convert_index_put,
 }

@@ -3,7 +3,8 @@
 What it matches: a PrimFunc with exactly one reduction block of the form
 ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` (any buffer layouts, e.g. ``[B.., M, K] x [K, N]``,
 the transposed weight ``[N, K]``, batched ``[B, M, K] x [B, K, N]``; dlight's
-``detect_iter_traits`` decides), a ``C = C + x * y`` update in float32, static extents, and
+``detect_iter_traits`` decides), a ``C = C + x * y`` update in float32, static extents except possibly M (the token count of
+a model compiled with a symbolic sequence length), and
 any number of spatial blocks around it (reshape prologues, bias / GELU / SiLU / residual /
 multiply epilogues). Anything else returns ``None`` so the next rule can try.
 
@@ -152,38 +153,43 @@ class MatmulCPU(ScheduleRule):
         sch.transform_layout(reindex_c, ("read", 0), c_map)
         sch.transform_block_layout(main, matmul_map)
         b, i, j, k = sch.get_loops(main)
-        ext = [_static(sch.get(loop).extent) for loop in (b, i, j, k)]
-        if any(e is None for e in ext):
-            return None
-        n_batch, m, n, _k = ext
-        if b_transposed and m <= 4:
+        n_batch, m, n, _k = (_static(sch.get(loop).extent) for loop in (b, i, j, k))
+        if n_batch is None or n is None or _k is None:
+            return None  # only M (tokens) may be symbolic
+        if b_transposed and m is not None and m <= 4:
             return None  # a GEMV over a [N, K] weight: dlight's GEMV rule does it better
-        mr = _pick_tile(m, ((self.mr, 1.0), (4, 0.9)))
+        mr = self.mr if m is None else _pick_tile(m, ((self.mr, 1.0), (4, 0.9)))
         nr = _pick_tile(n, ((self.nr, 1.0), (16, 0.8)))
         sch.pad_einsum(main, [1, mr, nr, 1])
         b, i, j, k = sch.get_loops(main)
-        m_tiles = math.ceil(m / mr)
-        n_tasks = n_batch * math.ceil(n / nr)
-        chunks = 1
-        if n_tasks < self.num_tasks:
-            want = math.ceil(self.num_tasks / n_tasks)
-            chunks = max(d for d in range(1, min(want, m_tiles) + 1) if m_tiles % d == 0)
-        # Step 2. Tile: (s, jo, io) parallel -> ii -> k -> mr -> nr.
-        io, ii, im = sch.split(i, [chunks, m_tiles // chunks, mr])
         jo, jn = sch.split(j, [None, nr])
-        sch.reorder(b, jo, io, ii, k, im, jn)
-        par = sch.fuse(b, jo, io)
+        if m is None:
+            # Symbolic M: parallel over (S, N tiles) only; every task walks all row tiles.
+            ii, im = sch.split(i, [None, mr])
+            sch.reorder(b, jo, ii, k, im, jn)
+            par = sch.fuse(b, jo)
+        else:
+            m_tiles = math.ceil(m / mr)
+            n_tasks = n_batch * math.ceil(n / nr)
+            chunks = 1
+            if n_tasks < self.num_tasks:
+                want = math.ceil(self.num_tasks / n_tasks)
+                chunks = max(d for d in range(1, min(want, m_tiles) + 1) if m_tiles % d == 0)
+            # Step 2. Tile: (s, jo, io) parallel -> ii -> k -> mr -> nr.
+            io, ii, im = sch.split(i, [chunks, m_tiles // chunks, mr])
+            sch.reorder(b, jo, io, ii, k, im, jn)
+            par = sch.fuse(b, jo, io)
         sch.parallel(par)
         write_back = sch.cache_write(main, 0, "global")
         sch.reverse_compute_at(write_back, ii, preserve_unit_loops=True)
         # Step 3. Prologue. A padded along M is materialised once (no select in the k loop);
         # the B panel (zero-padded, K-major) is packed once per task; the rest is inlined.
         keep = []
-        if m % mr:
+        if m is None or m % mr:
             a_pad = _producer_of(sch, main, 0)
             sch.parallel(sch.fuse(*sch.get_loops(a_pad)[:2]))
             keep.append(a_pad)
-        if m >= self.pack_min_rows or b_transposed:
+        if m is None or m >= self.pack_min_rows or b_transposed:
             packed_b = sch.cache_read(main, 1, "global")
             sch.compute_at(packed_b, par, preserve_unit_loops=True)
             sch.transform_layout(packed_b, ("write", 0), lambda s_, j_, k_: (s_, k_, j_))

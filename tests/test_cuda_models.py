@@ -57,9 +57,11 @@ def test_hf_model_builds_with_tensor_cores(name, precision, arch):
         assert "cp.async" in kernels[k] and "ldmatrix" in kernels[k]
     gemms = [k for k in kernels if "matmul" in k]
     assert gemms
-    if precision == "float16":  # dlight's Matmul tensorizes fp16 only (bf16 falls back to FMA)
-        for k in gemms:
-            assert "wmma.mma" in kernels[k] or "mma.sync" in kernels[k], k
+    if precision == "bfloat16":
+        assert cm.report["schedules"].get("MatmulTensorCoreBF16", 0) >= len(gemms) > 0
+    for k in gemms:  # fp16: dlight's Matmul; bf16: schedules.matmul_bf16_cuda
+        assert "wmma.mma.sync.aligned" in kernels[k], k  # fp16 PTX names no input type
+        assert re.search(rf"wmma\.load\.a\.sync\S*\.{mma_dtype}\b", kernels[k]), k
     report = cuda_aot.ptxas_report(log)
     assert set(report) >= set(attn)
     for k, r in report.items():

@@ -126,3 +126,30 @@ def test_converter_exception_is_wrapped_with_op_and_module():
         import_torch_model(Outer(), (torch.randn(3),), custom_convert_map={"tanh.default": broken})
     assert e.value.op == "aten.tanh.default"
     assert "boom" in str(e.value)
+
+
+class LinearStack(torch.nn.Module):
+    """nn.Linear with bias lowers to aten.addmm for 2-D inputs (and after flattening)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(48, 40), torch.nn.Linear(40, 24)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + torch.addmm(x[:, :24], x, self.a.weight.T[:, :24],
+                                                           beta=0.5, alpha=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_addmm_keeps_the_model_dtype(dtype):
+    import attnforge
+
+    model = LinearStack().to(dtype)
+    x = torch.randn(37, 48).to(dtype)
+    cm = attnforge.compile_model(model, (x,), target="llvm", fuse_attention=False,
+                                 rtol=1e-4 if dtype == torch.float32 else 2e-2)
+    out = cm(x)
+    assert out.dtype == dtype
+    ref = model.float()(x.float()).double()
+    err = (out.double() - ref).abs().max() / ref.abs().max()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err

@@ -201,3 +201,36 @@ def test_declined_small_transposed_bmm_still_correct_via_fallback():
         *[tvm.runtime.tensor(v, dev) for v in (a, b, bias)], out
     )
     np.testing.assert_allclose(out.numpy(), a @ np.swapaxes(b, -1, -2), rtol=1e-5, atol=1e-5)
+
+
+def _relax_linear_symbolic(k, n, seed=0):
+    """``gelu(x @ w.T + b)`` with a symbolic token count ``m`` (a dynamic-shape model)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    bias = rng.standard_normal((n,), dtype=np.float32)
+    m = tirx.Var("m", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, m, k), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            mm = bb.emit(relax.op.matmul(x, relax.op.permute_dims(relax.const(w))))
+            out = bb.emit_output(relax.op.nn.silu(relax.op.add(mm, relax.const(bias))))
+        bb.emit_func_output(out)
+    return bb.get(), w, bias
+
+
+def test_symbolic_token_count_is_scheduled_and_correct():
+    mod, w, bias = _relax_linear_symbolic(72, 80)
+    stats = Counter()
+    mod = cpu_build_pipeline(TARGET, stats)(mod)
+    assert stats["MatmulCPU"] == 1 and stats["left alone"] == 0, stats
+    (mm,) = [f for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
+    assert "T.parallel(" in mm.script() and "T.vectorized(" in mm.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET), tvm.cpu())
+    rng = np.random.default_rng(3)
+    for m in (1, 5, 6, 37, 100):  # below, at and off the 6-row register tile
+        x = rng.standard_normal((2, m, 72), dtype=np.float32)
+        z = x @ w.T + bias
+        ref = z / (1 + np.exp(-z))
+        out = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

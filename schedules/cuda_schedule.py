@@ -1,0 +1,70 @@
+"""Default CUDA schedules for every PrimFunc that is not one of our own kernels.
+
+``cuda_build_pipeline(target)`` is TVM's CUDA legalization (``LegalizeOps`` ... ``FuseTIR``)
+followed by dlight's ``ApplyDefaultSchedule`` with, in priority order:
+
+1. ``MatmulTensorCoreBF16`` -- bf16 matmuls on WMMA tensor cores (``matmul_bf16_cuda``);
+2. dlight ``gpu.Matmul`` (fp16 / int8 on tensor cores, otherwise tiled FMA), ``gpu.GEMV``,
+   ``gpu.Reduction``, ``gpu.GeneralReduction`` and ``gpu.Fallback``: TVM's own defaults.
+
+Rules are wrapped as on the CPU (``cpu_schedule._Guarded``): our fused kernels and scheduled
+funcs are skipped, a rule that raises declines, and ``stats`` counts the funcs each rule took.
+``tvm.compile(mod, target)`` afterwards does the rest; it skips already scheduled funcs, so
+any func no rule took is reported by its name when the build refuses it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+from .cpu_schedule import _Guarded, is_schedulable
+from .matmul_bf16_cuda import MatmulTensorCoreBF16
+
+__all__ = ["cuda_build_pipeline", "cuda_rules", "cuda_schedule_pass"]
+
+
+def cuda_rules() -> list[dl.ScheduleRule]:
+    """The CUDA schedule rules in priority order (unguarded)."""
+    return [MatmulTensorCoreBF16(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def cuda_schedule_pass(target: Target, stats: Counter | None = None) -> tvm.transform.Pass:
+    """``ApplyDefaultSchedule`` with :func:`cuda_rules`, run under ``target``; ``stats`` as in
+    ``cpu_schedule_pass`` (counts per rule, ``"skipped"``, ``"left alone"``)."""
+    rules = [_Guarded(rule, stats) for rule in cuda_rules()]
+
+    @tvm.transform.module_pass(opt_level=0, name="attnforge.CUDASchedule")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        before = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+        with target:
+            out = dl.ApplyDefaultSchedule(*rules)(mod)
+        if stats is not None:
+            for gv, func in before.items():
+                if not is_schedulable(func):
+                    stats["skipped"] += 1
+                elif out[gv].same_as(func):
+                    stats["left alone"] += 1
+        return out
+
+    return _pass
+
+
+def cuda_build_pipeline(target: Target, stats: Counter | None = None) -> tvm.transform.Sequential:
+    """Relax -> scheduled TIR for CUDA; follow with ``tvm.compile(mod, target)``."""
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            cuda_schedule_pass(target, stats),
+        ],
+        name="attnforge.cuda_build_pipeline",
+    )
