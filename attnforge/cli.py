@@ -39,8 +39,9 @@ def cmd_compile(args) -> int:
     from .models import load_model_spec
 
     model, inputs = load_model_spec(args.model, **_model_kwargs(args))
+    logs = False if args.no_tuning_logs else args.tuning_logs
     cm = attnforge.compile_model(model, inputs, target=args.target, verify=not args.no_verify,
-                                 precision=args.precision, tuning_logs=args.tuning_logs)
+                                 precision=args.precision, tuning_logs=logs)
     print(_summary(cm.report))
     if args.out:
         print(f"exported to {cm.export(args.out)}")
@@ -111,6 +112,11 @@ def _summary(report: dict) -> str:
                      f"{site.get('lowered_to') or 'not lowered (' + str(site.get('reason')) + ')'}"
                      f", mask {site.get('mask')}"
                      + (f", {100 * frac:.1f}% of blocks computed" if frac is not None else ""))
+    tuning = report.get("tuning") or {}
+    if tuning.get("applied"):
+        lines.append(f"  tuning records applied to: {', '.join(tuning.get('tuned', [])) or '-'}")
+    elif tuning.get("reason"):
+        lines.append(f"  tuning: {tuning['reason']}")
     v = report.get("verification", {})
     if v.get("skipped"):
         lines.append("  verification: skipped")
@@ -133,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
     c.add_argument("--no-verify", action="store_true")
     c.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default="float32")
-    c.add_argument("--tuning-logs", help="MetaSchedule log directory to apply")
+    logs = c.add_mutually_exclusive_group()
+    logs.add_argument("--tuning-logs", help="MetaSchedule log directory to apply (default: the "
+                      "logs shipped in tuning_logs/<target-tag>/ that match the model)")
+    logs.add_argument("--no-tuning-logs", action="store_true",
+                      help="default schedules only, no tuning records")
     r = sub.add_parser("run", help="run an exported artifact (numpy only, no torch needed)")
     r.add_argument("artifact")
     r.add_argument("--inputs", help=".npz with one array per input (by name or arr_i)")

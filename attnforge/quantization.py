@@ -88,18 +88,28 @@ def constant_bytes(mod) -> int:
 
 
 def check_int8_target(target, cpuinfo: str | None = None) -> None:
-    """Raise ``TargetError`` unless ``target`` is llvm and this CPU has AVX-512 VNNI.
+    """Raise ``TargetError`` unless ``target`` can run the INT8 kernels.
 
-    The INT8 kernel is ``vpdpbusd``-only; without VNNI it would fault at run time.
+    llvm: this CPU must have AVX-512 VNNI (the kernel is ``vpdpbusd``-only; without VNNI it
+    would fault at run time). CUDA: ``arch`` must be sm_75 or newer (int8 tensor-core
+    ``mma``; built by dlight's ``MatmulInt8Tensorization``).
     """
     import pathlib
 
     from .errors import TargetError
 
     kind = str(target.kind.name) if hasattr(target, "kind") else str(target)
+    if kind == "cuda":
+        arch = str(target.attrs.get("arch", ""))
+        num = re.fullmatch(r"sm_(\d+)[a-z]?", arch)
+        if num is None or int(num.group(1)) < 75:
+            raise TargetError(f"precision='int8' on CUDA needs int8 tensor cores: arch sm_75 "
+                              f"or newer, got arch={arch!r}; use target='cuda:sm_80' (or newer) "
+                              "or precision='float16'")
+        return
     if kind != "llvm":
-        raise TargetError(f"precision='int8' is implemented for llvm (CPU) targets only, "
-                          f"not {kind!r}; use precision='float16' on CUDA")
+        raise TargetError(f"precision='int8' is implemented for llvm (CPU) and cuda targets "
+                          f"only, not {kind!r}")
     if cpuinfo is None:
         try:
             cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
@@ -108,6 +118,10 @@ def check_int8_target(target, cpuinfo: str | None = None) -> None:
     if "avx512_vnni" not in cpuinfo:
         raise TargetError("precision='int8' needs a CPU with AVX-512 VNNI (avx512_vnni in "
                           "/proc/cpuinfo); this machine has none: use precision='float32'")
+
+
+def _is_cuda(target) -> bool:
+    return target is not None and str(getattr(getattr(target, "kind", None), "name", "")) == "cuda"
 
 
 def _instrument(mod):
@@ -340,8 +354,13 @@ DEFAULT_EXCLUDE = ("lm_head",)
 def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=None,
                   method: str = "minmax", percentile: float = 99.99,
                   smooth_alpha: float | None = None, activations: str = "per_token",
-                  summary: dict | None = None):
+                  summary: dict | None = None, numerics_of=None):
     """Calibrate ``mod`` on ``batches`` and run :func:`int8_passes`; returns the new module.
+
+    CUDA (``numerics_of`` or else ``target`` a cuda target): symmetric s8 activations and
+    :class:`~attnforge.passes.lower_int8_matmul_cuda.LowerInt8MatmulCuda` (int8 ``R.matmul``
+    for tensor cores) instead of the VNNI lowering; with ``target`` llvm and ``numerics_of``
+    cuda this is the CPU twin of the CUDA build (same Relax program, TVM's generic lowering).
 
     ``model`` (the torch module) enables names in ``exclude`` (e.g. ``"lm_head"``);
     ``exclude=None``: the names in :data:`DEFAULT_EXCLUDE` that the model has.
@@ -359,6 +378,11 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
     from attnforge.passes._quant_ir import resolve_exclude, site_calls
     from attnforge.passes.smooth_quant import SmoothQuant
 
+    cuda = _is_cuda(numerics_of if numerics_of is not None else target)
+    if _is_cuda(target):  # calibration runs on this CPU
+        from .target import host_target
+
+        target = host_target()
     mod = relax.transform.FoldConstant()(mod)
     names = site_names(model, mod) if model is not None else None
     if exclude is None:
@@ -394,10 +418,52 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
             for site in summary["sites"]:
                 if not site.get("excluded"):
                     site["activation"] = dict(act)
+    if cuda:
+        return _quantize_cuda(mod, ranges, exclude, names, activations, summary)
     out = int8_passes(qparams, exclude=exclude, names=names, per_token=per_token)(mod)
     if summary is not None:  # what really became the VNNI kernel (e.g. not symbolic shapes)
         from attnforge.passes.lower_int8_matmul import KERNEL_SYMBOL
 
         text = out["main"].script(show_meta=False)
         summary["vnni_matmuls"] = len(re.findall(rf"R\.call_tir\((cls\.)?{KERNEL_SYMBOL}", text))
+    return out
+
+
+def symmetric_scale(lo: float, hi: float) -> float:
+    """Symmetric int8 activation scale ``max(|lo|, |hi|) / 127`` (1 for an all-zero range)."""
+    amax = max(abs(float(lo)), abs(float(hi)))
+    if not np.isfinite(amax):
+        raise ValueError(f"symmetric_scale: non-finite range [{lo}, {hi}]")
+    return amax / 127.0 if amax > 1e-30 else 1.0
+
+
+def _quantize_cuda(mod, ranges: dict, exclude, names, activations: str,
+                   summary: dict | None):
+    """QuantizeWeights -> LowerInt8MatmulCuda (symmetric s8 activations, int8 ``R.matmul``)."""
+    import tvm
+
+    from attnforge.passes.lower_int8_matmul_cuda import LowerInt8MatmulCuda
+    from attnforge.passes.quantize_weights import QuantizeWeights
+
+    if activations == "none":
+        raise ValueError("quantize_int8: activations='none' is a CPU diagnostic; on CUDA "
+                         "use 'per_token' or 'per_tensor'")
+    scales = {i: symmetric_scale(lo, hi) for i, (lo, hi) in ranges.items()}
+    out = tvm.transform.Sequential([QuantizeWeights(exclude=exclude, names=names),
+                                    LowerInt8MatmulCuda(scales)])(mod)
+    if summary is not None:
+        summary["scheme"] = ("int8 post-training: s8 weights per output channel, symmetric s8 "
+                             "activations, int32 accumulation (R.matmul s8 x s8 -> s32; "
+                             "int8 tensor cores via dlight on CUDA)")
+        for site in summary["sites"]:
+            if site.get("excluded"):
+                continue
+            i = site["site"]
+            site["activation"] = (
+                {"dtype": "int8", "scheme": "symmetric per tensor", "scale": scales[i],
+                 "range": [float(v) for v in ranges[i]]} if i in scales
+                else {"dtype": "int8", "scheme": "symmetric per token (dynamic)"})
+        text = out["main"].script(show_meta=False)
+        summary["vnni_matmuls"] = 0
+        summary["int8_matmuls"] = len(re.findall(r'out_dtype="int32"', text))
     return out

@@ -22,6 +22,11 @@ def test_compile_inspect_run(tmp_path, capsys):
     assert "output[0]: shape=[1, 40, 1000]" in text and "median latency" in text
 
 
+def test_no_tuning_logs_flag(capsys):
+    assert main(["compile", "gpt2", "--seq-len", "24", "--no-tuning-logs"]) == 0
+    assert "tuning: tuning_logs=False: default schedules" in capsys.readouterr().out
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["compile", "no_such_model"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
