@@ -68,7 +68,8 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
 def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
     """Apply tuning records (if given), then schedule the rest: our CPU rules on llvm (TVM's
     default CPU pipeline leaves TIR unscheduled: ~1 GFLOP/s matmuls), bf16 tensor cores and
-    dlight on CUDA. Returns ``(module, per-rule counts, tuning report)``."""
+    dlight on CUDA (bf16 / int8: our WMMA rules first). Returns ``(module, per-rule
+    counts, tuning report)``."""
     from collections import Counter
 
     from attnforge.schedules.cpu_schedule import cpu_build_pipeline, cpu_schedule_pass
@@ -194,9 +195,10 @@ def compile_model(
             it changes the model's function, the comparison with dense eager is reported but
             not enforced; measure the change with ``attnforge.sparsity.evaluate``.
         rtol: verification tolerance (default by precision: fp32 1e-4, fp16 2e-2, bf16 5e-2).
-        calibration_data: for ``precision="int8"`` (llvm with AVX-512 VNNI only): a non-empty
+        calibration_data: for ``precision="int8"`` (llvm with VNNI, or cuda sm_75+): a non-empty
             list of input tuples like ``example_inputs``. Every ``nn.Linear`` becomes a u8 x s8
-            VNNI matmul with per-output-channel weight scales; activations are quantised per
+            VNNI matmul (CUDA: symmetric s8 x s8 -> s32 on int8 tensor cores; built without a
+            GPU, not run on one) with per-output-channel weight scales; activations per
             token at run time by default, or per tensor with ranges calibrated on this data
             (``int8_options``); the batches are always checked (NaN/inf are refused).
         int8_exclude: ``nn.Linear`` module names or matmul indices kept in fp32 (default:
@@ -282,7 +284,10 @@ def compile_model(
         t0 = time.perf_counter()
         report["verification"], report["accuracy"] = _verify(
             cm, model, example_inputs, imp.mod, tgt, fuse_attention, block_q, block_kv,
-            precision, rtol, sparsity)
+            precision, rtol, sparsity,
+            int8=None if precision != "int8" else dict(
+                batches=list(calibration_data), exclude=int8_exclude, model=model,
+                **(int8_options or {})))
         timings["verify"] = time.perf_counter() - t0
         if report["sparsity"] and report["sparsity"]["changed_sites"]:
             v = report["verification"]
@@ -296,8 +301,11 @@ def compile_model(
 
 
 def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block_kv,
-            precision, rtol, sparsity=None):
-    """Verification on the example inputs and accuracy on held-out ones; returns both."""
+            precision, rtol, sparsity=None, int8=None):
+    """Verification on the example inputs and accuracy on held-out ones; returns both.
+
+    ``int8``: ``quantize_int8`` keyword arguments; the CPU twin of a CUDA int8 build is
+    quantised with the CUDA lowering (``numerics_of``), built with TVM's generic int8 loops."""
     from .accuracy import accuracy_metrics, held_out_inputs
 
     runner, note = cm, None
@@ -307,6 +315,10 @@ def _verify(cm, model, inputs, imported_mod, tgt, fuse_attention, block_q, block
         cpu = host_target()
         mod, _ = _lower(imported_mod, cpu, fuse_attention, None, block_kv, precision, sparsity,
                         numerics_of=tgt)
+        if int8 is not None:
+            from .quantization import quantize_int8
+
+            mod = quantize_int8(mod, target=cpu, numerics_of=tgt, **int8)
         mod, _, _ = _schedule(mod, cpu)
         runner = CompiledModel(_build(mod, cpu), cpu, cm.input_specs, cm.output_desc, {})
         note = (f"no GPU here: the same pipeline was built for this CPU ({target_tag(cpu)}) "

@@ -1,5 +1,10 @@
 """INT8 post-training quantisation: calibration and the INT8 pass sequence.
 
+CPU (llvm, VNNI): u8 activations x s8 weights, below. CUDA (sm_75+): s8 weights as below,
+symmetric s8 activations (per token, or per tensor ``max(|lo|, |hi|) / 127`` from the same
+calibration) and ``LowerInt8MatmulCuda`` (int8 ``R.matmul`` for the tensor cores); the CPU twin
+of a CUDA build uses the same lowering (``quantize_int8(numerics_of=...)``).
+
 Activations (``quantize_int8(activations=...)``):
 
 * ``"per_token"`` (default): one uint8 scale / zero point per row, computed at run time
@@ -50,6 +55,7 @@ __all__ = [
     "quantize_int8",
     "site_names",
     "smooth_scales",
+    "symmetric_scale",
 ]
 
 METHODS = ("minmax", "percentile")

@@ -3,7 +3,9 @@
 ``cuda_build_pipeline(target)`` is TVM's CUDA legalization (``LegalizeOps`` ... ``FuseTIR``)
 followed by dlight's ``ApplyDefaultSchedule`` with, in priority order:
 
-1. ``MatmulTensorCoreBF16`` -- bf16 matmuls on WMMA tensor cores (``matmul_bf16_cuda``);
+1. ``MatmulTensorCoreBF16`` / ``MatmulTensorCoreInt8`` -- bf16 and int8 matmuls on WMMA tensor
+   cores (``matmul_bf16_cuda``, ``matmul_int8_cuda``; dlight has no bf16 rule and its int8
+   rule fails to build in TVM 0.27);
 2. dlight ``gpu.Matmul`` (fp16 / int8 on tensor cores, otherwise tiled FMA), ``gpu.GEMV``,
    ``gpu.Reduction``, ``gpu.GeneralReduction`` and ``gpu.Fallback``: TVM's own defaults.
 
@@ -24,13 +26,14 @@ from tvm.target import Target
 
 from .cpu_schedule import _Guarded, is_schedulable
 from .matmul_bf16_cuda import MatmulTensorCoreBF16
+from .matmul_int8_cuda import MatmulTensorCoreInt8
 
-__all__ = ["cuda_build_pipeline", "cuda_rules", "cuda_schedule_pass"]
+__all__ = ["cuda_build_pipeline", "cuda_legalize_passes", "cuda_rules", "cuda_schedule_pass"]
 
 
 def cuda_rules() -> list[dl.ScheduleRule]:
     """The CUDA schedule rules in priority order (unguarded)."""
-    return [MatmulTensorCoreBF16(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+    return [MatmulTensorCoreBF16(), MatmulTensorCoreInt8(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
@@ -58,13 +61,12 @@ def cuda_schedule_pass(target: Target, stats: Counter | None = None) -> tvm.tran
 def cuda_build_pipeline(target: Target, stats: Counter | None = None) -> tvm.transform.Sequential:
     """Relax -> scheduled TIR for CUDA; follow with ``tvm.compile(mod, target)``."""
     return tvm.transform.Sequential(
-        [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            cuda_schedule_pass(target, stats),
-        ],
+        [*cuda_legalize_passes(), cuda_schedule_pass(target, stats)],
         name="attnforge.cuda_build_pipeline",
     )
+
+
+def cuda_legalize_passes() -> list:
+    """TVM's CUDA legalization: Relax ops -> fused TIR PrimFuncs (before scheduling)."""
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]

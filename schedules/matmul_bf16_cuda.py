@@ -16,19 +16,14 @@ threshold for tensor cores); everything else is left to the next rule.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.analysis import get_root_block
-from tvm.s_tir.dlight.gpu.matmul import get_index_map, get_reduction_blocks
 from tvm.target import Target
+
+from .wmma_cuda import apply_dlight_wmma, cuda_sm, is_wmma_matmul
 
 __all__ = ["MatmulTensorCoreBF16", "is_bf16_matmul"]
 
-_MIN_TENSORIZE_EXTENT = 64  # dlight's minimal_tensorize_threshold
-_LOCK = threading.Lock()
 _REGISTERED = False
 
 
@@ -54,65 +49,28 @@ def _register_intrinsics() -> None:
     _REGISTERED = True
 
 
-@contextlib.contextmanager
-def _bf16_wmma_intrin_names():
-    """Within the block, dlight's ``get_wmma_intrin_group`` returns the bf16 intrinsics."""
-    from tvm.s_tir.tensor_intrin import cuda as intrin_mod
-
-    original = intrin_mod.get_wmma_intrin_group
-
-    def bf16_group(load_scope, store_scope, in_dtype, out_dtype, trans_b):
-        group = original(load_scope, store_scope, in_dtype, out_dtype, trans_b)
-        if in_dtype != "float16":
-            return group
-        return {key: name.replace("_f16_a", "_bf16_a").replace("_f16_b", "_bf16_b")
-                .replace("f16f16", "bf16bf16") for key, name in group.items()}
-
-    with _LOCK:
-        intrin_mod.get_wmma_intrin_group = bf16_group
-        try:
-            yield
-        finally:
-            intrin_mod.get_wmma_intrin_group = original
+def _bf16_names(original, load_scope, store_scope, in_dtype, out_dtype, trans_b) -> dict:
+    """dlight's fp16 intrinsic group with the input-side names switched to our bf16 ones."""
+    group = original(load_scope, store_scope, in_dtype, out_dtype, trans_b)
+    if in_dtype != "float16":
+        return group
+    return {key: name.replace("_f16_a", "_bf16_a").replace("_f16_b", "_bf16_b")
+            .replace("f16f16", "bf16bf16") for key, name in group.items()}
 
 
 def is_bf16_matmul(func: tirx.PrimFunc) -> bool:
     """True for a matmul-like PrimFunc reading bf16 and accumulating in fp32, M/N/K > 64."""
-    sch = s_tir.Schedule(func)
-    blocks = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
-    if not blocks or len(blocks) != 1:
-        return False
-    main = blocks[0]
-    stmt = sch.get(main)
-    dtypes = {str(r.source.dtype) for r in stmt.reads}
-    if dtypes != {"bfloat16"} or str(stmt.writes[0].source.dtype) != "float32":
-        return False
-    if get_index_map(stmt) is None:
-        return False
-    # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K] as dlight does, then check I, J, K.
-    for operand in (("read", 0), ("read", 1), ("write", 0)):
-        sch.reindex(main, operand)
-    matmul_map = get_index_map(sch.get(main))[0]
-    sch.transform_block_layout(main, matmul_map)
-    for iv in sch.get(main).iter_vars[1:]:
-        if isinstance(iv.dom.extent, tirx.IntImm) and iv.dom.extent.value <= _MIN_TENSORIZE_EXTENT:
-            return False
-    return True
+    return is_wmma_matmul(func, "bfloat16", "float32")
 
 
 class MatmulTensorCoreBF16(dl.ScheduleRule):
     """bf16 x bf16 -> fp32 matmuls on WMMA tensor cores (sm_80+); see the module docstring."""
 
     def apply(self, func, target: Target, tunable: bool):  # noqa: D102 - dlight hook
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
-            return None
-        arch = str(target.attrs.get("arch", ""))
-        if not arch.startswith("sm_") or int(arch[3:].rstrip("a")) < 80:
+        sm = cuda_sm(target)
+        if not isinstance(func, tirx.PrimFunc) or sm is None or sm < 80:
             return None
         if not is_bf16_matmul(func):
             return None
-        from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
-
         _register_intrinsics()
-        with _bf16_wmma_intrin_names():
-            return MatmulTensorization().apply(func, target, tunable)
+        return apply_dlight_wmma(func, target, tunable, _bf16_names)

@@ -109,8 +109,9 @@ def test_check_int8_target():
     check_int8_target(TARGET, cpuinfo="flags: avx512f avx512_vnni")
     with pytest.raises(TargetError, match="VNNI"):
         check_int8_target(TARGET, cpuinfo="flags: avx2")
-    with pytest.raises(TargetError, match="llvm"):
-        check_int8_target(tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
+    check_int8_target(tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))  # int8 WMMA
+    with pytest.raises(TargetError, match="sm_75"):
+        check_int8_target(tvm.target.Target({"kind": "cuda", "arch": "sm_70"}))
 
 
 @pytest.fixture(scope="module")
