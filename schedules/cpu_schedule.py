@@ -27,7 +27,8 @@ from tvm.target import Target
 from .elementwise_cpu import ElementwiseCPU, fast_math_legalize_map
 from .matmul_cpu import MatmulCPU
 
-__all__ = ["cpu_build_pipeline", "cpu_rules", "cpu_schedule_pass", "is_schedulable"]
+__all__ = ["cpu_build_pipeline", "cpu_rules", "cpu_schedule_pass", "guarded_schedule_pass",
+           "is_schedulable"]
 
 
 _SCHEDULED_LOOP_MARKS = ("T.parallel(", "T.vectorized(", "T.thread_binding(")
@@ -82,14 +83,21 @@ def cpu_schedule_pass(target: Target, stats: Counter | None = None) -> tvm.trans
     by rule class name, and under ``"left alone"`` the funcs that no rule took (skipped funcs
     -- ours, already scheduled -- are counted as ``"skipped"``).
     """
-    target = Target(target) if not isinstance(target, Target) else target
-    rules = [_Guarded(rule, stats) for rule in cpu_rules()]
+    return guarded_schedule_pass(cpu_rules(), target, stats, "attnforge.CPUSchedule")
 
-    @tvm.transform.module_pass(opt_level=0, name="attnforge.CPUSchedule")
+
+def guarded_schedule_pass(rules: list, target: Target, stats: Counter | None,
+                          name: str) -> tvm.transform.Pass:
+    """dlight's ``ApplyDefaultSchedule`` over ``rules`` (each wrapped in ``_Guarded``) under
+    ``target``, counting per rule, ``"skipped"`` and ``"left alone"`` funcs into ``stats``."""
+    target = Target(target) if not isinstance(target, Target) else target
+    guarded = [_Guarded(rule, stats) for rule in rules]
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         before = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
         with target:
-            out = dl.ApplyDefaultSchedule(*rules)(mod)
+            out = dl.ApplyDefaultSchedule(*guarded)(mod)
         if stats is not None:
             for gv, func in before.items():
                 if not is_schedulable(func):

@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections import Counter
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from .cpu_schedule import _Guarded, is_schedulable
+from .cpu_schedule import guarded_schedule_pass
 from .matmul_bf16_cuda import MatmulTensorCoreBF16
 from .matmul_int8_cuda import MatmulTensorCoreInt8
 
@@ -40,22 +40,7 @@ def cuda_rules() -> list[dl.ScheduleRule]:
 def cuda_schedule_pass(target: Target, stats: Counter | None = None) -> tvm.transform.Pass:
     """``ApplyDefaultSchedule`` with :func:`cuda_rules`, run under ``target``; ``stats`` as in
     ``cpu_schedule_pass`` (counts per rule, ``"skipped"``, ``"left alone"``)."""
-    rules = [_Guarded(rule, stats) for rule in cuda_rules()]
-
-    @tvm.transform.module_pass(opt_level=0, name="attnforge.CUDASchedule")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        before = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-        with target:
-            out = dl.ApplyDefaultSchedule(*rules)(mod)
-        if stats is not None:
-            for gv, func in before.items():
-                if not is_schedulable(func):
-                    stats["skipped"] += 1
-                elif out[gv].same_as(func):
-                    stats["left alone"] += 1
-        return out
-
-    return _pass
+    return guarded_schedule_pass(cuda_rules(), target, stats, "attnforge.CUDASchedule")
 
 
 def cuda_build_pipeline(target: Target, stats: Counter | None = None) -> tvm.transform.Sequential:
