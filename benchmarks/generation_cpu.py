@@ -35,7 +35,8 @@ CFG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_att
 DECODE_NEW = 32
 MAX_BATCH = 8
 # Finer buckets (every 64 up to 512, decode 1/2/4/8) were tried: 4.33 vs 4.17 requests/s at
-# twice the compile time and +0.7 GB peak RSS, so the coarse set stays.
+# twice the compile time and +0.7 GB peak RSS, so the coarse set stays.  Retried after the
+# decode-step fixes (128/192/256/384/512/2048, load ~3): 7.6 vs 7.5 requests/s -- still noise.
 PREFILL_BUCKETS = [128, 256, 512, 2048]
 DECODE_BUCKETS = [1, 4, 8]
 

@@ -5,12 +5,14 @@ head sees after a prefill).
 Our ``MatmulCPU`` rule pads M to its 6-row register tile and dlight's CPU ``GEMV`` wants the
 weight as ``[N, K]``; after ``FoldConstant`` the weights are ``[K, N]``, so these matmuls fell
 to the elementwise rule (a serial K loop per output element: ~0.2 GFLOP/s, >100 ms per token
-for a 32000-word LM head).  Here: ``N`` split into ``NR``-wide column panels (32, else 16 or
-8 when N is not a multiple), one parallel task
-per panel, loops ``panel [parallel] -> k -> m [unrolled] -> nr [vectorised]``: each step is one
+for a 32000-word LM head).  Here: ``N`` split into ``NR``-wide column panels (64 for 1-4 rows,
+32 for more -- an ``8 x 64`` accumulator no longer fits the registers; else 16 or 8 when N is not
+a multiple), one parallel task per panel, loops ``panel [parallel] -> k -> m [unrolled] -> nr [vectorised]``: each step is one
 contiguous ``NR``-float load of a weight row and ``M`` broadcast-FMAs into the ``M x NR``
 accumulator (a ``cache_write`` tile LLVM keeps in registers).  Weight bytes are read once,
-which is what bounds decoding.  Spatial blocks after the matmul are inlined into the write-back
+which is what bounds decoding.  Wider panels matter: with 32 columns each k step reads 128 bytes
+from a row 128 KB away from the last one; 64 columns (256 bytes) took the 32000 x 512 LM head at
+one row from ~6.5 ms to ~5 ms (12-14 GB/s on 2 cores; torch ``F.linear``: ~6.3 ms).  Spatial blocks after the matmul are inlined into the write-back
 when possible.  Anything else returns ``None``.
 """
 
@@ -30,8 +32,9 @@ def _int(x) -> int | None:
 
 
 class DecodeMatvecCPU(ScheduleRule):
-    def __init__(self, max_rows: int = 16, nr: int = 32):
-        self.max_rows, self.nr = max_rows, nr
+    def __init__(self, max_rows: int = 16, nr: int = 32, wide_nr: int = 64,
+                 wide_rows: int = 4):
+        self.max_rows, self.nr, self.wide_nr, self.wide_rows = max_rows, nr, wide_nr, wide_rows
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -78,7 +81,8 @@ class DecodeMatvecCPU(ScheduleRule):
         rows = 1
         for e in extents[:-2]:
             rows *= e
-        nr = next((w for w in (self.nr, 16, 8) if n % w == 0), None)
+        widths = ((self.wide_nr,) if rows <= self.wide_rows else ()) + (self.nr, 16, 8)
+        nr = next((w for w in widths if n % w == 0), None)
         if rows > self.max_rows or nr is None:
             return None
         *outer, jn, kk = loops

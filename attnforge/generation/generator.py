@@ -270,8 +270,7 @@ class Generator:
         ids = torch.zeros(1, nb, dtype=torch.long)
         ids[0, :n] = torch.tensor(req.tokens)
         logits, k, v = cm.run_flat(ids, torch.arange(nb)[None], torch.tensor([n - 1]))
-        self.kv.write(req.id, torch.as_tensor(k)[:, 0, :, :n], torch.as_tensor(v)[:, 0, :, :n],
-                      0)
+        self.kv.write(req.id, np.asarray(k)[:, 0, :, :n], np.asarray(v)[:, 0, :, :n], 0)
         tok = choose_token(np.asarray(logits)[0], req.params, req.rng)
         req.tokens.append(tok)
         req.state = "running"
@@ -281,18 +280,23 @@ class Generator:
 
     def _decode_step(self, reqs: list[Request]) -> dict[int, int]:
         bb, cm = self.decode_program(len(reqs))
-        ids = torch.zeros(bb, 1, dtype=torch.long)
-        pos = torch.zeros(bb, 1, dtype=torch.long)
-        table = torch.zeros(bb, self.max_pages_per_seq, dtype=torch.int32)
-        lens = torch.zeros(bb, dtype=torch.int32)
+        # Inputs filled through numpy views (no torch kernels on the hot path: see
+        # PagedKVCache.__init__ on torch's thread pool); torch allocates them 64-byte aligned,
+        # as TVM's DLPack import requires.
+        t_ids, t_pos = torch.zeros(bb, 1, dtype=torch.long), torch.zeros(bb, 1, dtype=torch.long)
+        t_table = torch.zeros(bb, self.max_pages_per_seq, dtype=torch.int32)
+        t_lens = torch.zeros(bb, dtype=torch.int32)
+        ids, pos, table, lens = t_ids.numpy(), t_pos.numpy(), t_table.numpy(), t_lens.numpy()
         for i, r in enumerate(reqs):
             n = self.kv.lengths[r.id]
             ids[i, 0], pos[i, 0], lens[i] = r.tokens[-1], n, n
-            table[i] = torch.tensor(self.kv.page_table_row(r.id), dtype=torch.int32)
-        logits, k, v = cm.run_flat(ids, pos, self.kv.k, self.kv.v, table, lens)
+            row = self.kv.tables[r.id]
+            table[i, :len(row)] = row
+        np.maximum(table, 0, out=table)  # -1 (pages out of a sliding window): never read
+        logits, k, v = cm.run_flat(t_ids, t_pos, self.kv.k, self.kv.v, t_table, t_lens)
         m = len(reqs)
-        self.kv.write_rows([r.id for r in reqs], torch.as_tensor(k)[:, :m, :, 0],
-                           torch.as_tensor(v)[:, :m, :, 0])
+        self.kv.write_rows([r.id for r in reqs], np.asarray(k)[:, :m, :, 0],
+                           np.asarray(v)[:, :m, :, 0])
         logits = np.asarray(logits)
         out = {}
         for i, r in enumerate(reqs):

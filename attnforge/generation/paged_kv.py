@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -28,6 +29,11 @@ class PagedKVCache:
         self.max_pages_per_seq = max_pages_per_seq
         self.k = torch.zeros(num_layers, num_pages, kv_heads, head_dim, page_size, dtype=dtype)
         self.v = torch.zeros(num_layers, num_pages, kv_heads, page_size, head_dim, dtype=dtype)
+        # Host-side writes go through numpy views of the same memory: numpy's fancy-index
+        # assignment is single-threaded, torch's ``index_put`` wakes torch's OpenMP pool, whose
+        # spinning threads then fought TVM's pool for the 2 cores (decode steps ran 2x slower
+        # at random).
+        self._k_np, self._v_np = self.k.numpy(), self.v.numpy()
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
         self._reserved = 0
@@ -75,8 +81,8 @@ class PagedKVCache:
                 continue
             if n % self.page_size and i == len(table) - 1:
                 q = self._take(child)
-                self.k[:, q].copy_(self.k[:, p])
-                self.v[:, q].copy_(self.v[:, p])
+                self._k_np[:, q] = self._k_np[:, p]
+                self._v_np[:, q] = self._v_np[:, p]
                 table[i] = q
             else:
                 self._refs[p] += 1
@@ -98,7 +104,7 @@ class PagedKVCache:
             self._free.append(p)
 
     # -- writes -------------------------------------------------------------------------
-    def _slots(self, seq: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(self, seq: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Physical (page, slot) of positions [start, stop), allocating pages as needed."""
         table, s = self.tables[seq], self.page_size
         while len(table) * s < stop:
@@ -106,33 +112,35 @@ class PagedKVCache:
         for i in range(start // s, -(-stop // s)):
             if table[i] < 0:
                 table[i] = self._take(seq)
-        pos = torch.arange(start, stop)
-        return torch.tensor(table, dtype=torch.long)[pos // s], pos % s
+        pos = np.arange(start, stop)
+        return np.asarray(table, dtype=np.int64)[pos // s], pos % s
 
-    def write(self, seq: int, k: torch.Tensor, v: torch.Tensor, first: int) -> None:
+    def write(self, seq: int, k, v, first: int) -> None:
         """Store K/V ``[L, KVH, T, D]`` of positions ``[first, first + T)`` of ``seq``
-        (positions that the window can no longer see are skipped)."""
+        (positions that the window can no longer see are skipped); numpy arrays or CPU torch
+        tensors."""
         n = first + k.shape[2]
         keep = max(first, n + 1 - self.window) if self.window else first
         if keep < n:
             pages, slots = self._slots(seq, keep, n)
-            k = k[:, :, keep - first:]
-            v = v[:, :, keep - first:]
-            self.k[:, pages, :, :, slots] = k.permute(2, 0, 1, 3)
-            self.v[:, pages, :, slots, :] = v.permute(2, 0, 1, 3)
+            k = np.asarray(k)[:, :, keep - first:]
+            v = np.asarray(v)[:, :, keep - first:]
+            self._k_np[:, pages, :, :, slots] = k.transpose(2, 0, 1, 3)
+            self._v_np[:, pages, :, slots, :] = v.transpose(2, 0, 1, 3)
         self.lengths[seq] = n
         self._drop_out_of_window(seq)
 
-    def write_rows(self, seqs: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """One new token per sequence: ``k``/``v`` ``[L, len(seqs), KVH, D]``."""
+    def write_rows(self, seqs: list[int], k, v) -> None:
+        """One new token per sequence: ``k``/``v`` ``[L, len(seqs), KVH, D]`` (numpy or CPU
+        torch)."""
         pages, slots = [], []
         for seq in seqs:
             p, s = self._slots(seq, self.lengths[seq], self.lengths[seq] + 1)
             pages.append(p)
             slots.append(s)
-        pages_t, slots_t = torch.cat(pages), torch.cat(slots)
-        self.k[:, pages_t, :, :, slots_t] = k.permute(1, 0, 2, 3)
-        self.v[:, pages_t, :, slots_t, :] = v.permute(1, 0, 2, 3)
+        pages_a, slots_a = np.concatenate(pages), np.concatenate(slots)
+        self._k_np[:, pages_a, :, :, slots_a] = np.asarray(k).transpose(1, 0, 2, 3)
+        self._v_np[:, pages_a, :, slots_a, :] = np.asarray(v).transpose(1, 0, 2, 3)
         for seq in seqs:
             self.lengths[seq] += 1
             self._drop_out_of_window(seq)

@@ -79,7 +79,8 @@ def compile_program(wrapper: torch.nn.Module, example_inputs: tuple, target):
 
 def _schedule_generation(mod, target):
     """compile_model's CPU pipeline plus, first, the skinny-matmul rule for the decode / LM-head
-    matmuls (``schedules/decode_matvec_cpu.py``); returns ``(module, per-rule counts)``."""
+    matmuls (``schedules/decode_matvec_cpu.py``) and the row-reduction rule for the norms
+    (:mod:`.norm_schedule`); returns ``(module, per-rule counts)``."""
     from collections import Counter
 
     import tvm
@@ -87,6 +88,7 @@ def _schedule_generation(mod, target):
 
     from ..schedules.cpu_schedule import cpu_legalize_passes, cpu_schedule_pass
     from ..schedules.decode_matvec_cpu import DecodeMatvecCPU
+    from .norm_schedule import RowReductionCPU
 
     stats: Counter = Counter()
     with target:
@@ -95,6 +97,10 @@ def _schedule_generation(mod, target):
                   if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled")}
         mod = dl.ApplyDefaultSchedule(DecodeMatvecCPU())(mod)
         stats["DecodeMatvecCPU"] = sum(
+            1 for gv in before if mod[gv].attrs.get("tirx.is_scheduled"))
+        before = {gv for gv in before if not mod[gv].attrs.get("tirx.is_scheduled")}
+        mod = dl.ApplyDefaultSchedule(RowReductionCPU())(mod)
+        stats["RowReductionCPU"] = sum(
             1 for gv in before if mod[gv].attrs.get("tirx.is_scheduled"))
         mod = cpu_schedule_pass(target, stats)(mod)
     return mod, dict(stats)
