@@ -32,6 +32,17 @@ def check_dims(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, D: int, Dv: int) -> 
     check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
 
 
+def symbolic_dim(value, name: str):
+    """A size that is an int stays an int; None (symbolic) becomes a fresh int32 tir Var."""
+    from tvm import tirx
+
+    if value is None:
+        return tirx.Var(name, "int32")
+    check(isinstance(value, int) and value > 0, f"{name} must be a positive int or None "
+          f"(symbolic), got {value!r}")
+    return int(value)
+
+
 def attention_prim_func(macro, dtype: str, shapes: tuple, Hm: int, nqb: int, W: int,
                         mask_shape: tuple | None = None, mask_dtype: str | None = None,
                         check_well_formed: bool = True):

@@ -73,6 +73,14 @@ def default_cpu_target() -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu or "generic"})
 
 
+def check_cpu_tiles(block_q: int, block_kv: int, rows: int) -> None:
+    """Block sizes and micro-kernel height the llvm kernel can tile with."""
+    check(block_q > 0 and block_kv > 0,
+          f"block_q and block_kv must be positive, got {block_q}x{block_kv}")
+    check(rows > 0, f"rows (micro-kernel height) must be positive, got {rows}")
+    check(block_kv % rows == 0, f"block_kv ({block_kv}) must be a multiple of rows ({rows})")
+
+
 def fused_attention_cpu(
     batch: int,
     q_heads: int,
@@ -116,10 +124,7 @@ def fused_attention_cpu(
         raise NotImplementedError(f"fused_attention_cpu: dtype={dtype!r} is not supported on llvm; "
                                   f"use one of {_DTYPES} (cast the inputs)")
     check_dims(B, Hq, Hkv, Nq, Nk, D, Dv)
-    check(block_q > 0 and block_kv > 0,
-           f"block_q and block_kv must be positive, got {block_q}x{block_kv}")
-    check(rows > 0, f"rows (micro-kernel height) must be positive, got {rows}")
-    check(block_kv % rows == 0, f"block_kv ({block_kv}) must be a multiple of rows ({rows})")
+    check_cpu_tiles(block_q, block_kv, rows)
     check(math.isfinite(scale), f"scale must be finite, got {scale}")
     check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
            f"got {mask_input!r}")

@@ -16,21 +16,12 @@ import math
 
 from tvm import tirx
 
-from .attention_args import check
-from .attention_cpu import _DTYPES, _EMPTY_ROWS, _build
+from .attention_args import check, check_dims, symbolic_dim
+from .attention_cpu import _DTYPES, _EMPTY_ROWS, _build, check_cpu_tiles
 from .block_mask import MaskSpec
 from .block_mask_runtime import runtime_block_mask_func, symbolic_ok
 
 __all__ = ["fused_attention_cpu_dynamic"]
-
-
-def _dim(value, name: str):
-    """An int dim stays an int; None (symbolic) becomes a fresh int32 tir Var."""
-    if value is None:
-        return tirx.Var(name, "int32")
-    check(isinstance(value, int) and value > 0, f"{name} must be a positive int or None "
-          f"(symbolic), got {value!r}")
-    return int(value)
 
 
 def fused_attention_cpu_dynamic(
@@ -74,15 +65,12 @@ def fused_attention_cpu_dynamic(
           "symbolic sequence length: the mask must be full, structured "
           f"(causal, sliding window, chunked) or a DispatchMask, got {what!r} (static layouts "
           "and mask tensors need compile-time lengths)")
-    B, Nq, Nk = _dim(batch, "batch"), _dim(q_len, "q_len"), _dim(kv_len, "kv_len")
+    B, Nq, Nk = (symbolic_dim(v, n) for v, n in ((batch, "batch"), (q_len, "q_len"),
+                                                  (kv_len, "kv_len")))
     Hq, Hkv, D = (int(v) for v in (q_heads, kv_heads, head_dim))
     Dv = D if v_head_dim is None else int(v_head_dim)
-    for name, v in (("q_heads", Hq), ("kv_heads", Hkv), ("head_dim", D), ("v_head_dim", Dv)):
-        check(v > 0, f"{name} must be positive, got {v}")
-    check(Hq % Hkv == 0, f"q_heads ({Hq}) must be a multiple of kv_heads ({Hkv}) for GQA/MQA")
-    check(block_q > 0 and block_kv > 0 and block_kv % rows == 0,
-          f"block sizes must be positive and block_kv a multiple of rows, got "
-          f"{block_q}x{block_kv}, rows={rows}")
+    check_dims(1, Hq, Hkv, 1, 1, D, Dv)  # batch / lengths checked by symbolic_dim
+    check_cpu_tiles(block_q, block_kv, rows)
     check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     check(math.isfinite(scale), f"scale must be finite, got {scale}")

@@ -65,6 +65,20 @@ def cuda_target(arch: str = "sm_90"):
     return tvm.target.Target({"kind": "cuda", "arch": arch})
 
 
+def check_cuda_tiles(D: int, Dv: int, block_q: int, block_kv: int, num_stages: int,
+                     warp_rows: int) -> None:
+    """Head dims, tiles, pipeline depth and shared memory the tensor-core kernel supports."""
+    check(D % 16 == 0 and Dv % 16 == 0,
+          f"head_dim ({D}) and v_head_dim ({Dv}) must be multiples of 16 (mma k/n tiles)")
+    check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
+    check(block_kv > 0 and block_kv % 16 == 0,
+          f"block_kv must be a positive multiple of 16, got {block_kv}")
+    check(num_stages in (1, 2, 3), f"num_stages must be 1, 2 or 3, got {num_stages}")
+    check(warp_rows in (16, 32), f"warp_rows must be 16 or 32, got {warp_rows}")
+    smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
+    check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
+
+
 def fused_attention_cuda(
     batch: int,
     q_heads: int,
@@ -114,12 +128,7 @@ def fused_attention_cuda(
         raise NotImplementedError(f"fused_attention_cuda: arch={arch!r} is not supported; use one "
                                   f"of {_ARCHS} (needs mma.sync m16n8k16 and cp.async)")
     check_dims(B, Hq, Hkv, Nq, Nk, D, Dv)
-    check(D % 16 == 0 and Dv % 16 == 0,
-           f"head_dim ({D}) and v_head_dim ({Dv}) must be multiples of 16 (mma k/n tiles)")
-    check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
-    check(block_kv > 0 and block_kv % 16 == 0,
-           f"block_kv must be a positive multiple of 16, got {block_kv}")
-    check(num_stages in (1, 2, 3), f"num_stages must be 1, 2 or 3, got {num_stages}")
+    check_cuda_tiles(D, Dv, block_q, block_kv, num_stages, warp_rows)
     check(math.isfinite(scale), f"scale must be finite, got {scale}")
     check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
            f"got {mask_input!r}")
@@ -139,9 +148,6 @@ def fused_attention_cuda(
     biggest = max(B * Hq * Nq * max(D, Dv), B * Hkv * Nk * max(D, Dv))
     check(biggest < 2**31, f"tensors of {biggest} elements need 64-bit indexing, which this "
            "kernel does not emit: split the batch")
-    check(warp_rows in (16, 32), f"warp_rows must be 16 or 32, got {warp_rows}")
-    smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
-    check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, num_stages, Hm, W, emu, warp_rows, score_mod=score_mod)
     attrs = {"global_symbol": global_symbol, "tir.noalias": True, "op_pattern": 8}

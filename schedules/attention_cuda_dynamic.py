@@ -16,20 +16,12 @@ import math
 
 from tvm import tirx
 
-from .attention_args import check
-from .attention_cuda import _ARCHS, _DTYPES, _EMPTY_ROWS, _build, shared_memory_bytes
+from .attention_args import check, check_dims, symbolic_dim
+from .attention_cuda import _ARCHS, _DTYPES, _EMPTY_ROWS, _build, check_cuda_tiles
 from .block_mask import MaskSpec
 from .block_mask_runtime import runtime_block_mask_func, symbolic_ok
 
 __all__ = ["fused_attention_cuda_dynamic"]
-
-
-def _dim(value, name: str):
-    if value is None:
-        return tirx.Var(name, "int32")
-    check(isinstance(value, int) and value > 0, f"{name} must be a positive int or None "
-          f"(symbolic), got {value!r}")
-    return int(value)
 
 
 def fused_attention_cuda_dynamic(
@@ -63,21 +55,13 @@ def fused_attention_cuda_dynamic(
     mask = MaskSpec.full() if mask is None else mask
     check(symbolic_ok(mask), "symbolic sequence length on CUDA: the mask must be full, "
           f"structured or a DispatchMask, got {getattr(mask, 'kind', mask)!r}")
-    B, Nq, Nk = _dim(batch, "batch"), _dim(q_len, "q_len"), _dim(kv_len, "kv_len")
+    B, Nq, Nk = (symbolic_dim(v, n) for v, n in ((batch, "batch"), (q_len, "q_len"),
+                                                  (kv_len, "kv_len")))
     Hq, Hkv, D = (int(v) for v in (q_heads, kv_heads, head_dim))
     Dv = D if v_head_dim is None else int(v_head_dim)
-    check(Hq > 0 and Hkv > 0 and Hq % Hkv == 0, f"q_heads ({Hq}) must be a positive multiple "
-          f"of kv_heads ({Hkv})")
-    check(D % 16 == 0 and Dv % 16 == 0,
-          f"head_dim ({D}) and v_head_dim ({Dv}) must be multiples of 16 (mma k/n tiles)")
-    check(block_q in (64, 128), f"block_q must be 64 or 128, got {block_q}")
-    check(block_kv > 0 and block_kv % 16 == 0, f"block_kv must be a multiple of 16, got "
-          f"{block_kv}")
-    check(num_stages in (1, 2, 3) and warp_rows in (16, 32),
-          f"num_stages must be 1-3 and warp_rows 16 or 32, got {num_stages}, {warp_rows}")
+    check_dims(1, Hq, Hkv, 1, 1, D, Dv)  # batch / lengths checked by symbolic_dim
+    check_cuda_tiles(D, Dv, block_q, block_kv, num_stages, warp_rows)
     check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}")
-    smem = shared_memory_bytes(D, Dv, block_q, block_kv, num_stages, warp_rows)
-    check(smem <= 227 * 1024, f"shared memory {smem} B exceeds 227 KB: lower num_stages")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     check(math.isfinite(scale), f"scale must be finite, got {scale}")
     W = tirx.Var("max_blocks", "int32")
