@@ -86,6 +86,26 @@ def site_calls(func: relax.Function) -> list[relax.Call]:
     return sites
 
 
+def rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tvm.IRModule:
+    """Run a per-function rewrite over every Relax function of a copy of ``mod``.
+
+    ``make_rewriter(module, func)`` returns a ``PyExprMutator`` bound to ``module`` for
+    ``func``, or None when ``func`` has nothing to rewrite.  Works on a copy because a
+    mutator's builder updates its module in place; unused bindings are removed afterwards.
+    """
+    out = mod.clone()
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        rewriter = make_rewriter(out, func)
+        if rewriter is None:
+            continue
+        new_func = rewriter.visit_expr(func)
+        out = rewriter.builder_.finalize()
+        out[gv] = relax.analysis.remove_all_unused(new_func)
+    return out
+
+
 def resolve_exclude(exclude, n_sites: int, names: dict[int, str] | None) -> set[int]:
     """Site indices named by ``exclude`` (ints, negative from the end, or names in ``names``)."""
     names = names or {}

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import DEQUANTIZE, QUANTIZE, call_op, const_array, lookup
+from ._quant_ir import DEQUANTIZE, QUANTIZE, call_op, const_array, lookup, rewrite_functions
 
 __all__ = ["FoldDequantizeQuantize"]
 
@@ -60,12 +60,6 @@ class FoldDequantizeQuantize:
     """Remove ``quantize(dequantize(q))`` round trips with identical parameters."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
-            rewriter = _Rewriter(out, relax.analysis.get_var2val(func))
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
+        out = rewrite_functions(
+            mod, lambda module, func: _Rewriter(module, relax.analysis.get_var2val(func)))
         return relax.transform.CanonicalizeBindings()(out)  # `q2 = q` aliases away

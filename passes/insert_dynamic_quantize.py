@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import DEQUANTIZE, call_op, int8_weight, lookup, site_calls
+from ._quant_ir import DEQUANTIZE, call_op, int8_weight, lookup, rewrite_functions, site_calls
 
 __all__ = ["InsertDynamicQuantize"]
 
@@ -103,10 +103,7 @@ class InsertDynamicQuantize:
         self.sites = None if sites is None else {int(i) for i in sites}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             var2val = relax.analysis.get_var2val(func)
             todo = {}
             for i, call in enumerate(site_calls(func)):
@@ -119,10 +116,6 @@ class InsertDynamicQuantize:
                         or call_op(lookup(x, var2val)) == DEQUANTIZE):
                     continue
                 todo[call] = shape
-            if not todo:
-                continue
-            rewriter = _Rewriter(out, todo, var2val)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, todo, var2val) if todo else None
+
+        return rewrite_functions(mod, make_rewriter)

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import int8_weight, site_calls
+from ._quant_ir import int8_weight, rewrite_functions, site_calls
 
 __all__ = ["InsertActivationQuantize"]
 
@@ -70,18 +70,11 @@ class InsertActivationQuantize:
         self.qparams = {int(i): _check(int(i), *p) for i, p in qparams.items()}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             var2val = relax.analysis.get_var2val(func)
             sites = site_calls(func)
             todo = {c: self.qparams[i] for i, c in enumerate(sites)
                     if i in self.qparams and int8_weight(c, var2val) is not None}
-            if not todo:
-                continue
-            rewriter = _Rewriter(out, todo)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, todo) if todo else None
+
+        return rewrite_functions(mod, make_rewriter)

@@ -29,7 +29,10 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..schedules.matmul_int8_cpu import fold_dequant, int8_matmul_func, pack_weight
-from ._quant_ir import DEQUANTIZE, call_op, const_array, int8_weight, lookup, site_calls
+from ._quant_ir import (
+    DEQUANTIZE, call_op, const_array, int8_weight,
+    lookup, rewrite_functions, site_calls,
+)
 
 __all__ = ["KERNEL_SYMBOL", "LowerInt8Matmul"]
 
@@ -126,17 +129,10 @@ class LowerInt8Matmul:
         self.mr, self.nb = mr, nb
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             var2val = relax.analysis.get_var2val(func)
             plans = {c: p for c in site_calls(func) if (p := _plan(c, var2val)) is not None}
             plans = {c: p for c, p in plans.items() if str(c.ty.dtype) == "float32"}
-            if not plans:
-                continue
-            rewriter = _Rewriter(out, plans, self.mr, self.nb)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, plans, self.mr, self.nb) if plans else None
+
+        return rewrite_functions(mod, make_rewriter)

@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import int8_weight, site_calls
+from ._quant_ir import int8_weight, rewrite_functions, site_calls
 
 __all__ = ["LowerInt8MatmulCuda"]
 
@@ -94,10 +94,7 @@ class LowerInt8MatmulCuda:
                                  "it must be finite and > 0")
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             var2val = relax.analysis.get_var2val(func)
             plans = {}
             for i, call in enumerate(site_calls(func)):
@@ -108,10 +105,6 @@ class LowerInt8MatmulCuda:
                         or str(call.ty.dtype) != "float32"):
                     continue
                 plans[call] = (shape, *weight, self.activation_scales.get(i))
-            if not plans:
-                continue
-            rewriter = _Rewriter(out, plans)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, plans) if plans else None
+
+        return rewrite_functions(mod, make_rewriter)

@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import fp32_weight, site_calls
+from ._quant_ir import fp32_weight, rewrite_functions, site_calls
 
 __all__ = ["SmoothQuant"]
 
@@ -79,19 +79,12 @@ class SmoothQuant:
         self.scales = {int(i): s for i, s in scales.items()}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             todo = {}
             for i, call in enumerate(site_calls(func)):
                 w = fp32_weight(call)
                 if i in self.scales and w is not None:
                     todo[call] = (i, _check(i, self.scales[i], w.shape[0]))
-            if not todo:
-                continue
-            rewriter = _Rewriter(out, todo)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, todo) if todo else None
+
+        return rewrite_functions(mod, make_rewriter)

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._quant_ir import fp32_weight, resolve_exclude, site_calls
+from ._quant_ir import fp32_weight, resolve_exclude, rewrite_functions, site_calls
 
 __all__ = ["StoreWeightsBF16", "to_bfloat16"]
 
@@ -64,19 +64,12 @@ class StoreWeightsBF16:
         self.exclude, self.names = tuple(exclude), names
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        out = mod.clone()  # the rewriters update their module in place: not the input
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def make_rewriter(out, func):
             sites = site_calls(func)
             skip = resolve_exclude(self.exclude, len(sites), self.names) if sites else set()
             todo = {c: i for i, c in enumerate(sites)
                     if i not in skip and fp32_weight(c) is not None
                     and str(c.ty.dtype) == "float32"}
-            if not todo:
-                continue
-            rewriter = _Rewriter(out, todo)
-            new_func = rewriter.visit_expr(func)
-            out = rewriter.builder_.finalize()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-        return out
+            return _Rewriter(out, todo) if todo else None
+
+        return rewrite_functions(mod, make_rewriter)
