@@ -37,6 +37,20 @@ M_REJECTIONS = "attnforge.attention_rejections"  # list of {function, var, reaso
 M_SITES = "attnforge.attention_sites"  # list of report entries, written by LowerAttentionToTIR
 
 
+def bindings_computing(func: relax.Function, exprs) -> list:
+    """The bindings of ``func`` that ``exprs`` depend on (transitively), in binding order."""
+    need: set = set()
+    var2val = relax.analysis.get_var2val(func)
+    stack = list(exprs)
+    while stack:
+        e = stack.pop()
+        for v in relax.analysis.free_vars(e) if not isinstance(e, relax.Var) else [e]:
+            if v not in need and v in var2val:
+                need.add(v)
+                stack.append(var2val[v])
+    return [b for blk in func.body.blocks for b in blk.bindings if b.var in need]
+
+
 def op_name(expr) -> str | None:
     """``"relax.matmul"`` for a call to an operator, else None."""
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):

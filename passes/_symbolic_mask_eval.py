@@ -58,16 +58,7 @@ def substitute_dim(expr, values: dict) -> int:
 def evaluate_at_samples(func, exprs: list, lengths: list[int]) -> tuple[list, list]:
     """Run the constant subgraphs computing ``exprs`` with every symbolic var set to each of
     ``lengths``; returns ``(per-length lists of arrays, per-length {var: value})``."""
-    need: set = set()
-    var2val = relax.analysis.get_var2val(func)
-    stack = list(exprs)
-    while stack:
-        e = stack.pop()
-        for v in relax.analysis.free_vars(e) if not isinstance(e, relax.Var) else [e]:
-            if v not in need and v in var2val:
-                need.add(v)
-                stack.append(var2val[v])
-    bindings = [b for blk in func.body.blocks for b in blk.bindings if b.var in need]
+    bindings = ir.bindings_computing(func, exprs)
     # The bindings are reused as they are (their types keep the shape facts the importer
     # proved, e.g. from the lower bound); re-emitting them loses those and breaks cumsum.
     out = relax.Var("masks", relax.TupleType([e.ty for e in exprs]))

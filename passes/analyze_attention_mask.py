@@ -145,16 +145,7 @@ def _evaluate(func, exprs: list) -> list:
             todo.append(i)
     if not todo:
         return out
-    need: set = set()
-    var2val = relax.analysis.get_var2val(func)
-    stack = [exprs[i] for i in todo]
-    while stack:
-        e = stack.pop()
-        for v in relax.analysis.free_vars(e) if not isinstance(e, relax.Var) else [e]:
-            if v not in need and v in var2val:
-                need.add(v)
-                stack.append(var2val[v])
-    bindings = [b for blk in func.body.blocks for b in blk.bindings if b.var in need]
+    bindings = ir.bindings_computing(func, [exprs[i] for i in todo])
     bb = relax.BlockBuilder()
     with bb.function("main", []):
         with bb.dataflow():

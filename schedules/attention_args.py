@@ -79,17 +79,11 @@ def element_allowed(spec, structured: bool, q, k, Nk: int, k_tail: bool):
     (``k < Nk`` when the last kv block is partial): the element rule of both kernels."""
     from tvm import tirx
 
+    from .block_mask_runtime import structured_rule
+
     if hasattr(spec, "element_rule"):  # block_mask_runtime.DispatchMask: chosen on Nk
         return spec.element_rule(q, k, Nk, k_tail)
-    cond = tirx.const(True, "bool")
-    if structured:
-        qo = q + spec.q_offset
-        if spec.min_diff is not None:
-            cond = tirx.all(cond, qo - k >= spec.min_diff)
-        if spec.max_diff is not None:
-            cond = tirx.all(cond, qo - k <= spec.max_diff)
-        if spec.chunk is not None:
-            cond = tirx.all(cond, tirx.floordiv(qo, spec.chunk) == tirx.floordiv(k, spec.chunk))
+    cond = structured_rule(spec, q, k) if structured else tirx.const(True, "bool")
     if k_tail:
         cond = tirx.all(cond, k < Nk)
     return cond
