@@ -3,6 +3,10 @@ and stream tokens from it, printing each token as it is produced and the timings
 
     attnforge generate llama --prompt-len 32 --max-new-tokens 20
     attnforge generate gpt2 --prompt 5,17,42 --sample --temperature 0.8 --top-p 0.9 --seed 1
+    attnforge generate mistral --precision int8 --sparsity window:32 --max-new-tokens 64
+
+``--sparsity window:W`` is ``attnforge.sparsity.SlidingWindow(W)`` (the one policy family the
+paged decode kernel runs; ``none`` for dense).
 """
 
 from __future__ import annotations
@@ -31,8 +35,27 @@ def add_generate_parser(subparsers):
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--target", default="llvm")
+    g.add_argument("--precision", choices=["float32", "bfloat16", "int8"], default="float32")
+    g.add_argument("--sparsity", default="none",
+                   help="window:W (causal sliding window of W keys) or none")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the accuracy check against Hugging Face fp32 eager")
     g.set_defaults(func=cmd_generate)
     return g
+
+
+def parse_sparsity(spec: str):
+    """``--sparsity``: ``none`` -> None, ``window:W`` -> ``SlidingWindow(W)``."""
+    from .errors import InputError
+    from .sparsity import SlidingWindow
+
+    spec = (spec or "none").strip().lower()
+    if spec == "none":
+        return None
+    kind, _, value = spec.partition(":")
+    if kind in ("window", "sliding_window") and value.isdigit() and int(value) > 0:
+        return SlidingWindow(int(value))
+    raise InputError(f"--sparsity {spec!r}: use window:W (W a positive integer) or none")
 
 
 def cmd_generate(args) -> int:
@@ -46,6 +69,7 @@ def cmd_generate(args) -> int:
     if args.model not in GENERATIVE_MODELS:
         raise InputError(f"generate: {args.model!r} is not a built-in decoder; choose one of "
                          f"{', '.join(GENERATIVE_MODELS)}")
+    policy = parse_sparsity(args.sparsity)
     model, _ = build_hf_model(args.model, hidden=args.hidden, layers=args.layers,
                               seq_len=args.max_seq_len)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -60,10 +84,19 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     gen = attnforge.compile_generator(model, max_batch_size=1, max_seq_len=args.max_seq_len,
                                       page_size=args.page_size, target=args.target,
-                                      decode_buckets=[1])
+                                      decode_buckets=[1], precision=args.precision,
+                                      sparsity=policy, verify=not args.no_verify)
     gen.warmup([len(prompt)], [1])
-    print(f"compiled {args.model} in {time.perf_counter() - t0:.1f} s "
+    print(f"compiled {args.model} ({args.precision}"
+          f"{', ' + policy.describe() if policy else ''}) in {time.perf_counter() - t0:.1f} s "
           f"(KV pool: {gen.num_pages} pages of {args.page_size} tokens)", file=sys.stderr)
+    acc = gen.report.get("accuracy")
+    if acc:
+        lg, gr = acc["prefill_logits"], acc["greedy"]
+        print(f"accuracy vs Hugging Face fp32 eager: prefill logits cosine "
+              f"{lg['cosine_mean']:.6f} (min {lg['cosine_min']:.6f}), top-1 "
+              f"{lg['top1_agreement']:.2f}; greedy tokens identical "
+              f"{gr['identical_token_fraction']:.2f}", file=sys.stderr)
     print(f"prompt ({len(prompt)} tokens): {prompt}", file=sys.stderr)
     t0 = time.perf_counter()
     first, n = None, 0

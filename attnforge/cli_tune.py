@@ -2,9 +2,14 @@
 
     attnforge tune MODEL --target T --trials N [--work-dir DIR] [--rpc HOST:PORT --device-key K]
                    [--batch B] [--seq-len N] [--hidden H] [--layers L] [--max-trials-per-task M]
-                   [--only SUBSTR] [--attention-blocks]
+                   [--only SUBSTR] [--attention-blocks] [--precision P]
 
 MODEL is a built-in tiny config (gpt2, llama, mistral, bert, vit) or ``package.module:factory``.
+``--target cuda...`` measures on this machine's GPU, or with ``--rpc`` on the GPU servers of an
+RPC tracker; without either it stops with an error before doing anything.  On CUDA the fused
+attention kernel exists in fp16/bf16 only: ``--precision float16`` tunes it (its design space:
+``schedules/attention_cuda_space.py``) and the log then matches
+``compile_model(..., precision="float16")``.
 The log goes to ``--work-dir`` (default ``tuning_logs/<target-tag>/<model>-...``); rerunning
 the same command resumes an interrupted job.  Apply it with
 ``compile_model(..., tuning_logs=DIR)``.
@@ -34,6 +39,9 @@ def add_tune_parser(subparsers):
     t.add_argument("--hidden", type=int, default=None)
     t.add_argument("--layers", type=int, default=None)
     t.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
+    t.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="compile_model precision the log is for (cuda: float16/bfloat16 tune "
+                        "the fused attention kernel too)")
     t.add_argument("--attention-blocks", action="store_true",
                    help="also search the fused attention kernel's block sizes (llvm)")
     t.add_argument("--no-progress", action="store_true")
@@ -50,7 +58,32 @@ def _workload_name(args) -> str | None:
     for flag, val in (("s", args.seq_len), ("h", args.hidden), ("l", args.layers)):
         if val:
             parts.append(f"{flag}{val}")
+    if getattr(args, "precision", "float32") != "float32":
+        parts.append(args.precision)
     return "-".join(parts)
+
+
+def _check_device(args) -> str | None:
+    """Error text when the job could not measure anything (cuda, no GPU here, no --rpc)."""
+    from .errors import AttnforgeError
+    from .target import parse_target
+    from .tuning import TuningError, _check_local_device
+
+    if args.rpc:
+        return None
+    try:
+        tgt = parse_target(args.target)
+    except (AttnforgeError, ValueError) as e:
+        if not str(args.target).strip().lower().startswith("cuda"):
+            return None  # tune() reports a bad target itself
+        return (f"{e}. Tuning for CUDA measures candidates on a CUDA device: run on a machine "
+                "with a GPU, or pass --rpc HOST:PORT --device-key KEY of an RPC tracker with a "
+                "GPU server registered (and name the arch, e.g. --target cuda:sm_90)")
+    try:
+        _check_local_device(tgt)
+    except TuningError as e:
+        return str(e)
+    return None
 
 
 def cmd_tune(args) -> int:
@@ -61,6 +94,10 @@ def cmd_tune(args) -> int:
 
     if args.rpc and not args.device_key:
         print("attnforge tune: error: --rpc needs --device-key", file=sys.stderr)
+        return 2
+    why = _check_device(args)  # before the model is built: fail in a second, not minutes
+    if why is not None:
+        print(f"attnforge tune: error: {why}", file=sys.stderr)
         return 2
     kw = {}
     if args.model in BUILTIN_MODELS:
@@ -74,7 +111,7 @@ def cmd_tune(args) -> int:
                    rpc=args.rpc, device_key=args.device_key,
                    max_trials_per_task=args.max_trials_per_task,
                    progress=not args.no_progress, workload=_workload_name(args),
-                   only=args.only)
+                   only=args.only, precision=args.precision)
     except KeyboardInterrupt:
         print("attnforge tune: interrupted; the records so far are kept, rerun the same "
               "command to resume", file=sys.stderr)

@@ -36,7 +36,7 @@ def _attention_dtype(target: tvm.target.Target, precision: str) -> str | None:
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
            block_q: int | None, block_kv: int, precision: str = "float32", sparsity=None,
-           numerics_of: tvm.target.Target | None = None):
+           numerics_of: tvm.target.Target | None = None, attention_qk: str = "float32"):
     """Run attnforge's Relax passes; returns (module, attention sites).
 
     The sites list ends with the candidates the recognition pass left alone
@@ -61,8 +61,29 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target, fuse_attention: bool,
     mod = attention_pipeline(target, block_q=block_q, block_kv=block_kv,
                              compute_dtype=_attention_dtype(target, precision),
                              mixed_precision=precision if amp else None,
-                             sparsity=sparsity)(mod)
+                             sparsity=sparsity, attention_qk=attention_qk)(mod)
     return mod, attention_report(mod) + attention_rejections(mod)
+
+
+def _cpu_bfloat16(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
+    """``precision="bfloat16"`` on llvm, after the attention passes: bf16 weights; where
+    ``target`` (default: this host) has AVX-512 BF16, matmuls with >= 16 rows (or a symbolic
+    row count) round their activations to bf16 and run bf16 x bf16 -> fp32 ``vdpbf16ps``
+    (``LowerBF16Matmul``), and the fused attention kernels run Q Kᵀ / P V on ``vdpbf16ps``
+    (``UseBF16AttentionKernel``); the others compute in fp32 on the bf16 weights / inputs.
+    Shared by ``compile_model`` and ``compile_generator`` (its prefill / decode programs): change
+    the CPU bf16 lowering here and both follow."""
+    from tvm import relax
+
+    from attnforge.passes.lower_bf16_matmul import LowerBF16Matmul
+    from attnforge.passes.store_weights_bf16 import StoreWeightsBF16
+    from attnforge.passes.use_bf16_attention_kernel import UseBF16AttentionKernel
+
+    mod = StoreWeightsBF16()(relax.transform.FoldConstant()(mod))
+    target = host_target() if target is None else target
+    if tvm.target.codegen.target_has_features("avx512bf16", target):
+        mod = UseBF16AttentionKernel(LowerBF16Matmul()(mod))
+    return mod
 
 
 def _schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_logs=None):
@@ -181,7 +202,9 @@ def compile_model(
         precision: ``"float32"``; ``"float16"`` (attention kernels in fp16 on CUDA, other
             matmuls through TVM's ``ToMixedPrecision`` with fp32 accumulation, weights stored
             in fp16); ``"bfloat16"`` (attention kernels in bf16; on llvm every constant matmul
-            weight is stored in bf16 and computed in fp32 (``StoreWeightsBF16``); on CUDA every
+            weight is stored in bf16 (``StoreWeightsBF16``) and, on CPUs with AVX-512 BF16,
+            matmuls with >= 16 rows round their input to bf16 and run bf16 x bf16 -> fp32
+            ``vdpbf16ps`` (``LowerBF16Matmul``), the rest fp32 math; on CUDA every
             other matmul takes bf16 operands with fp32 accumulation on tensor cores
             (``BFloat16Matmuls`` + ``MatmulTensorCoreBF16``), norms/softmax stay fp32).
         block_q, block_kv: attention kernel block sizes (block_q default: 64 CPU, 128 CUDA).
@@ -206,7 +229,12 @@ def compile_model(
         int8_options: keyword arguments of ``attnforge.quantization.quantize_int8``:
             ``activations`` (``"per_token"`` default, ``"per_tensor"``), ``method``
             (``"minmax"`` default, ``"percentile"``) and ``percentile`` for per-tensor
-            calibration, ``smooth_alpha`` (SmoothQuant strength; default None: off).
+            calibration, ``smooth_alpha`` (SmoothQuant strength; default None: off),
+            ``weight_rounding`` (``"gptq"`` default, validated per layer on held-back
+            calibration batches; ``"nearest"``), ``embeddings`` (``"int8"`` default: tables
+            stored s8 per row; ``"float32"``); and
+            ``attention_qk`` (``"float32"`` default; ``"int8"``: Q Kᵀ of the fused attention
+            in int8 on VNNI, llvm and precision="int8" only, ``schedules/attention_cpu_int8qk.py``).
 
     Returns:
         A :class:`CompiledModel`; ``cm.report`` holds the attention sites and verification.
@@ -216,6 +244,9 @@ def compile_model(
     tgt = parse_target(target)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {PRECISIONS}")
+    from attnforge.passes._attention_qk import split_attention_qk
+
+    int8_options, attention_qk = split_attention_qk(precision, tgt, int8_options)
     if precision == "int8":
         from .quantization import check_int8_target
 
@@ -233,14 +264,16 @@ def compile_model(
     timings["import"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision, sparsity)
+    mod, sites = _lower(imp.mod, tgt, fuse_attention, block_q, block_kv, precision, sparsity,
+                        attention_qk=attention_qk)
     timings["passes"] = time.perf_counter() - t0
-    if precision == "bfloat16" and not is_cuda(tgt):  # CPU: bf16 weights, fp32 compute
-        from tvm import relax
+    bf16_matmuls = None
+    if precision == "bfloat16" and not is_cuda(tgt):  # CPU: bf16 weights (+ vdpbf16ps matmuls)
+        from attnforge.passes.lower_bf16_matmul import count_bf16_matmuls
+        from attnforge.passes.use_bf16_attention_kernel import count_bf16_attention
 
-        from attnforge.passes.store_weights_bf16 import StoreWeightsBF16
-
-        mod = StoreWeightsBF16()(relax.transform.FoldConstant()(mod))
+        mod = _cpu_bfloat16(mod, tgt)
+        bf16_matmuls = (count_bf16_matmuls(mod), count_bf16_attention(mod))
     if precision == "int8":
         from .quantization import quantize_int8
 
@@ -276,8 +309,13 @@ def compile_model(
         "timings_s": timings,
         "weight_bytes": weight_bytes,
     }
+    if bf16_matmuls is not None:  # sites / attention kernels on vdpbf16ps (others: fp32 math)
+        report["bf16_matmuls"], report["bf16_attention_kernels"] = bf16_matmuls
     if precision == "int8":
+        from attnforge.passes._attention_qk import attention_qk_summary
+
         report["quantization"] = quantization
+        quantization["attention_qk"] = attention_qk_summary(sites, attention_qk)
     cm = CompiledModel(executable, tgt, imp.input_specs, imp.output_desc, report,
                        output_spec=imp.output_spec)
     if verify:

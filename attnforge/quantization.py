@@ -16,6 +16,14 @@ Activations (``quantize_int8(activations=...)``):
   7e-4 -> 9e-5, for ~8% more time in a 512x1024x512 linear (min/max pass per row).
 * ``"per_tensor"``: static scale / zero point per site from calibration, below.
 
+Weights: s8 per output channel; GPTQ rounding by default (``weight_rounding="gptq"``,
+:mod:`attnforge.quantization_gptq` decides per site on held-back calibration batches; the
+Hessians come from the same calibration run). Embedding tables: s8 with one scale per
+:data:`EMBEDDING_GROUP` values (``embeddings="int8"``, :class:`QuantizeEmbedding`). Measured
+on the random-weight Llama (``benchmarks/precision_cpu.py``, ``docs/architecture.md``): both
+together keep the accuracy of the previous default (round-to-nearest, fp32 table) while the
+module's constants shrink 9.42 -> 7.94 MB.
+
 Optional SmoothQuant (``smooth_alpha``, :class:`~attnforge.passes.smooth_quant.SmoothQuant`)
 migrates per-channel activation range into the weights; it needs channel outliers to help
 (trained LLMs have them; the random-weight test models do not, and there it changed nothing).
@@ -46,6 +54,7 @@ import numpy as np
 
 __all__ = [
     "calibrate",
+    "calibration_stats",
     "channel_absmax",
     "check_int8_target",
     "constant_bytes",
@@ -55,7 +64,6 @@ __all__ = [
     "quantize_int8",
     "site_names",
     "smooth_scales",
-    "symmetric_scale",
 ]
 
 METHODS = ("minmax", "percentile")
@@ -201,20 +209,50 @@ def calibrate(mod, batches: Sequence, target=None, *, method: str = "minmax",
     ``mod``: a Relax module (fp32, weights as constants, ``FoldConstant`` applied); ``batches``:
     a non-empty sequence of input tuples (torch tensors or numpy arrays) for ``main``.
     """
-    if method not in METHODS:
+    return calibration_stats(mod, batches, target, method=method, percentile=percentile)[0]
+
+
+def calibration_stats(mod, batches: Sequence, target=None, *, method: str | None = "minmax",
+                      percentile: float = 99.99, hessians: bool = False):
+    """One calibration run: ``(ranges, grams, tokens)``.
+
+    ``ranges``: as :func:`calibrate` (empty when ``method`` is None); ``grams``: per site
+    ``(X^T X over the even batches, over the odd batches)`` (float64 ``[K, K]``; sites whose
+    input is the same tensor share the arrays), for GPTQ and its validation (empty unless
+    ``hessians``); ``tokens``: per site, the input rows seen in the even / odd batches.
+    """
+    if method is not None and method not in METHODS:
         raise ValueError(f"calibrate: method={method!r}; choose one of {METHODS}")
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"calibrate: percentile={percentile} must be in (50, 100]")
     ranges: dict[int, tuple[float, float]] = {}
-    for xs in _site_activations(mod, batches, target):
+    group: dict[int, int] = {}  # site -> first site reading the same tensor (q/k/v share one)
+    sums: dict[int, list] = {}  # group -> [X^T X of even batches, of odd batches]
+    tokens: dict[int, list] = {}
+    for b, xs in enumerate(_site_activations(mod, batches, target)):
         for i, x in enumerate(xs):
+            rows = x.reshape(-1, x.shape[-1])
+            tokens.setdefault(i, [0, 0])[b % 2] += rows.shape[0]
+            if hessians:
+                if b == 0:
+                    group[i] = next((j for j in range(i) if group[j] == j and
+                                     xs[j].shape == x.shape and np.array_equal(xs[j], x)), i)
+                if group[i] == i:
+                    pair = sums.setdefault(i, [0.0, 0.0])
+                    # fp32 GEMM per batch, summed over batches in fp64: GPTQ damps H by
+                    # >= 10% of its mean diagonal, far above fp32 rounding
+                    rows32 = rows.astype(np.float32)
+                    pair[b % 2] = pair[b % 2] + (rows32.T @ rows32).astype(np.float64)
+            if method is None:
+                continue
             if method == "minmax":
                 lo, hi = float(x.min()), float(x.max())
             else:
                 lo, hi = (float(v) for v in np.percentile(x, [100.0 - percentile, percentile]))
             old = ranges.get(i, (lo, hi))
             ranges[i] = (min(old[0], lo), max(old[1], hi))
-    return ranges
+    grams = {i: sums[g] for i, g in group.items()}
+    return ranges, grams, tokens
 
 
 def channel_absmax(mod, batches: Sequence, target=None) -> dict[int, np.ndarray]:
@@ -279,12 +317,17 @@ def site_names(model, mod) -> dict[int, str]:
 
 def int8_passes(qparams: dict[int, tuple[float, int]], *, exclude=(),
                 names: dict[int, str] | None = None, lower: bool = True,
-                per_token: bool = False):
-    """QuantizeWeights -> InsertActivationQuantize -> [InsertDynamicQuantize] ->
-    FoldDequantizeQuantize -> [LowerInt8Matmul].
+                per_token: bool = False, hessians: dict | None = None,
+                damping: dict | None = None, embeddings: bool = False,
+                embedding_group: int | None = None):
+    """[QuantizeEmbedding] -> QuantizeWeights -> InsertActivationQuantize ->
+    [InsertDynamicQuantize] -> FoldDequantizeQuantize -> [LowerInt8Matmul].
 
     ``per_token``: quantise the activations of the sites without ``qparams`` per token at run
     time (:class:`InsertDynamicQuantize`) instead of leaving them fp32 (weight-only).
+    ``hessians``: ``{site: X^T X}``, GPTQ rounding for those sites' weights (``damping``
+    per site).
+    ``embeddings``: store constant gather tables in int8 per row (:class:`QuantizeEmbedding`).
     """
     import tvm
 
@@ -292,13 +335,16 @@ def int8_passes(qparams: dict[int, tuple[float, int]], *, exclude=(),
     from attnforge.passes.insert_dynamic_quantize import InsertDynamicQuantize
     from attnforge.passes.insert_quantize import InsertActivationQuantize
     from attnforge.passes.lower_int8_matmul import LowerInt8Matmul
+    from attnforge.passes.quantize_embedding import QuantizeEmbedding
     from attnforge.passes.quantize_weights import QuantizeWeights
 
     none = tvm.transform.Sequential([])
     return tvm.transform.Sequential(
         [
-            # Phase 1: int8 weights per output channel (QDQ), excluded sites stay fp32.
-            QuantizeWeights(exclude=exclude, names=names),
+            # Phase 1: int8 weights per output channel (QDQ; GPTQ rounding where a Hessian
+            # is given), excluded sites stay fp32; int8 embedding tables.
+            QuantizeEmbedding(embedding_group) if embeddings else none,
+            QuantizeWeights(exclude=exclude, names=names, hessians=hessians, damping=damping),
             # Phase 2: uint8 activations: per tensor from calibration, or per token at run
             # time; redundant pairs folded.
             InsertActivationQuantize(qparams),
@@ -357,9 +403,27 @@ def quantization_summary(mod, ranges: dict, qparams: dict, excluded: set[int],
 DEFAULT_EXCLUDE = ("lm_head",)
 
 
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
+# int8 embedding rows: one scale per 32 values (vs one per row: 1.9x lower output error from the
+# table on the random Llama and BERT, for 12.5% more bytes on the table)
+EMBEDDING_GROUP = 32
+EMBEDDINGS = ("int8", "float32")
+
+
+def _gptq(grams: dict, tokens: dict, mod, excluded: set[int]):
+    from attnforge.passes._quant_ir import fp32_weight, site_calls
+
+    from .quantization_gptq import gptq_plan
+
+    weights = {i: fp32_weight(c) for i, c in enumerate(site_calls(mod["main"]))
+               if i not in excluded and fp32_weight(c) is not None}
+    return gptq_plan(grams, tokens, weights)
+
+
 def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=None,
                   method: str = "minmax", percentile: float = 99.99,
                   smooth_alpha: float | None = None, activations: str = "per_token",
+                  weight_rounding: str = "gptq", embeddings: str = "int8",
                   summary: dict | None = None, numerics_of=None):
     """Calibrate ``mod`` on ``batches`` and run :func:`int8_passes`; returns the new module.
 
@@ -377,13 +441,25 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
     or ``"none"`` (diagnostic: int8-rounded weights, fp32 activations and math; the weights
     fold back to fp32 constants, so no speed or memory gain: the accuracy ceiling of the
     int8 weights alone).
+    ``weight_rounding``: ``"gptq"`` (default: GPTQ rounding from the calibration inputs'
+    ``X^T X``, same scales and kernels, per site only where it lowered the output error on
+    held-back calibration batches, :mod:`attnforge.quantization_gptq`) or ``"nearest"``.
+    ``embeddings``: ``"int8"`` (default: constant gather tables int8, one scale per
+    :data:`EMBEDDING_GROUP` values of a row,
+    :class:`~attnforge.passes.quantize_embedding.QuantizeEmbedding`) or ``"float32"``.
     ``summary``: a dict filled with :func:`quantization_summary` (method, scales, exclusions).
     """
     from tvm import relax
 
     from attnforge.passes._quant_ir import resolve_exclude, site_calls
+    from attnforge.passes.quantize_embedding import embedding_tables
     from attnforge.passes.smooth_quant import SmoothQuant
 
+    for arg, value, allowed in (("activations", activations, ACTIVATIONS),
+                                ("weight_rounding", weight_rounding, WEIGHT_ROUNDINGS),
+                                ("embeddings", embeddings, EMBEDDINGS)):
+        if value not in allowed:
+            raise ValueError(f"quantize_int8: {arg}={value!r}; choose one of {allowed}")
     cuda = _is_cuda(numerics_of if numerics_of is not None else target)
     if _is_cuda(target):  # calibration runs on this CPU
         from .target import host_target
@@ -399,16 +475,21 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
         absmax = channel_absmax(mod, batches, target)
         keep = set(range(n_sites)) - excluded
         mod = SmoothQuant(smooth_scales(mod, absmax, smooth_alpha, sites=keep))(mod)
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"quantize_int8: activations={activations!r}; choose one of "
-                         f"{ACTIVATIONS}")
     per_token = activations == "per_token"
-    if activations != "per_tensor":
+    gptq = weight_rounding == "gptq" and len(batches) >= 2  # one batch fits, one validates
+    if activations != "per_tensor" and not gptq:
         _check_batches(batches, mod)  # the same input checks as a calibration run
-        ranges = {}
+        ranges, grams, tokens = {}, {}, {}
     else:
-        ranges = calibrate(mod, batches, target, method=method, percentile=percentile)
+        ranges, grams, tokens = calibration_stats(
+            mod, batches, target, method=method if activations == "per_tensor" else None,
+            percentile=percentile, hessians=gptq)
+    hessians, damping, rounding = _gptq(grams, tokens, mod, excluded)
+    if weight_rounding == "gptq" and not gptq:
+        rounding = {i: {"rounding": "nearest", "reason": "GPTQ needs >= 2 calibration batches "
+                        "(one to fit, one to validate)"} for i in range(n_sites)}
     qparams = {i: qparams_from_range(lo, hi) for i, (lo, hi) in ranges.items()}
+    tables = embedding_tables(mod) if embeddings == "int8" else []
     if summary is not None:
         summary.update(quantization_summary(
             mod, ranges, qparams, excluded, names, method=method, percentile=percentile,
@@ -416,6 +497,24 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
         summary["smoothing"] = None if smooth_alpha is None else {
             "method": "SmoothQuant (per input channel, multiply fused into the quantize op)",
             "alpha": float(smooth_alpha)}
+        summary["weight_rounding"] = {
+            "method": weight_rounding if gptq or weight_rounding == "nearest" else
+            "nearest (GPTQ needs >= 2 calibration batches)",
+            **({"algorithm": "GPTQ (Frantar et al. 2023) on the calibration inputs' X^T X, "
+                             "blocks of 128, no act-order, scales unchanged; per site "
+                             "round-to-nearest or GPTQ with damping 0.1 / 1.0 of the "
+                             "mean diagonal, whichever gave the smallest output error on the "
+                             "odd calibration batches when fitted on the even ones"}
+               if gptq else {})}
+        summary["embeddings"] = {
+            "dtype": "int8" if tables else "float32",
+            "scheme": (f"symmetric, one fp32 scale per {EMBEDDING_GROUP} values of a row "
+                       "(per row when the row length is not a multiple), dequantised on the "
+                       "gather") if tables else None,
+            "tables": [list(t) for t in tables]}
+        for site in summary["sites"]:
+            if "weight" in site:
+                site["weight"]["rounding"] = rounding.get(site["site"], {"rounding": "nearest"})
         if activations != "per_tensor":
             summary["calibration"] = {"method": "none: no activation ranges needed",
                                       "batches": len(batches)}
@@ -425,51 +524,16 @@ def quantize_int8(mod, batches: Sequence, target=None, *, exclude=None, model=No
                 if not site.get("excluded"):
                     site["activation"] = dict(act)
     if cuda:
-        return _quantize_cuda(mod, ranges, exclude, names, activations, summary)
-    out = int8_passes(qparams, exclude=exclude, names=names, per_token=per_token)(mod)
+        from .quantization_cuda import quantize_cuda
+
+        return quantize_cuda(mod, ranges, exclude, names, activations, summary,
+                              (hessians, damping), EMBEDDING_GROUP if tables else 0)
+    out = int8_passes(qparams, exclude=exclude, names=names, per_token=per_token,
+                      hessians=hessians, damping=damping, embeddings=bool(tables),
+                      embedding_group=EMBEDDING_GROUP)(mod)
     if summary is not None:  # what really became the VNNI kernel (e.g. not symbolic shapes)
         from attnforge.passes.lower_int8_matmul import KERNEL_SYMBOL
 
         text = out["main"].script(show_meta=False)
         summary["vnni_matmuls"] = len(re.findall(rf"R\.call_tir\((cls\.)?{KERNEL_SYMBOL}", text))
-    return out
-
-
-def symmetric_scale(lo: float, hi: float) -> float:
-    """Symmetric int8 activation scale ``max(|lo|, |hi|) / 127`` (1 for an all-zero range)."""
-    amax = max(abs(float(lo)), abs(float(hi)))
-    if not np.isfinite(amax):
-        raise ValueError(f"symmetric_scale: non-finite range [{lo}, {hi}]")
-    return amax / 127.0 if amax > 1e-30 else 1.0
-
-
-def _quantize_cuda(mod, ranges: dict, exclude, names, activations: str,
-                   summary: dict | None):
-    """QuantizeWeights -> LowerInt8MatmulCuda (symmetric s8 activations, int8 ``R.matmul``)."""
-    import tvm
-
-    from attnforge.passes.lower_int8_matmul_cuda import LowerInt8MatmulCuda
-    from attnforge.passes.quantize_weights import QuantizeWeights
-
-    if activations == "none":
-        raise ValueError("quantize_int8: activations='none' is a CPU diagnostic; on CUDA "
-                         "use 'per_token' or 'per_tensor'")
-    scales = {i: symmetric_scale(lo, hi) for i, (lo, hi) in ranges.items()}
-    out = tvm.transform.Sequential([QuantizeWeights(exclude=exclude, names=names),
-                                    LowerInt8MatmulCuda(scales)])(mod)
-    if summary is not None:
-        summary["scheme"] = ("int8 post-training: s8 weights per output channel, symmetric s8 "
-                             "activations, int32 accumulation (R.matmul s8 x s8 -> s32; "
-                             "int8 tensor cores via dlight on CUDA)")
-        for site in summary["sites"]:
-            if site.get("excluded"):
-                continue
-            i = site["site"]
-            site["activation"] = (
-                {"dtype": "int8", "scheme": "symmetric per tensor", "scale": scales[i],
-                 "range": [float(v) for v in ranges[i]]} if i in scales
-                else {"dtype": "int8", "scheme": "symmetric per token (dynamic)"})
-        text = out["main"].script(show_meta=False)
-        summary["vnni_matmuls"] = 0
-        summary["int8_matmuls"] = len(re.findall(r'out_dtype="int32"', text))
     return out

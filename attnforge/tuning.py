@@ -90,16 +90,25 @@ def default_workload_name(model, example_inputs) -> str:
     return f"{type(model).__name__.lower()}-{dims}"
 
 
+TUNE_PRECISIONS = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
+
+
 def import_and_lower(model, example_inputs, target, *, fuse_attention=True, block_q=None,
-                     block_kv=64) -> tuple[tvm.IRModule, str]:
-    """Torch model -> lowered Relax module exactly as ``compile_model`` does; ``(mod, how)``."""
+                     block_kv=64, precision: str = "float32") -> tuple[tvm.IRModule, str]:
+    """Torch model -> lowered Relax module exactly as ``compile_model`` does; ``(mod, how)``.
+    ``precision``: as ``compile_model``'s (the CUDA attention kernel needs fp16 or bf16)."""
     from attnforge.frontends import import_torch_model
 
     from .compiler import _lower
 
+    kind = str(parse_target(target).kind.name)
+    ok = TUNE_PRECISIONS.get(kind, ("float32",))
+    if precision not in ok:
+        raise TuningError(f"precision={precision!r}: tuning on {kind} supports "
+                          f"{ok} (the build of other precisions adds passes tune does not run)")
     model.eval()
     mod = import_torch_model(model, tuple(example_inputs)).mod
-    mod, _ = _lower(mod, target, fuse_attention, block_q, block_kv)
+    mod, _ = _lower(mod, target, fuse_attention, block_q, block_kv, precision=precision)
     return mod, "attnforge.frontends" + ("+attnforge.passes" if fuse_attention else "")
 
 
@@ -131,7 +140,8 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
          seed: int | None = None, callbacks: Sequence[Callable[[dict], None]] = (),
          fuse_attention: bool = True, block_q: int | None = None, block_kv: int = 64,
          mod: tvm.IRModule | None = None, only: Sequence[str] | None = None,
-         measure_defaults: bool = True, confirm_rounds: int = 3) -> TuneResult:
+         measure_defaults: bool = True, confirm_rounds: int = 3,
+         precision: str = "float32") -> TuneResult:
     """Tune a PyTorch model's kernels with MetaSchedule and record them in a log directory.
 
     Args:
@@ -158,10 +168,13 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
             built again and run alternately this many times (min kept; ``meta.json``
             ``default_confirm``); the gate then compares those two numbers (the first ones
             were measured minutes apart, under whatever load the host had).  0: skip.
+        precision: ``compile_model``'s ``precision`` the log is for (``"float16"`` or
+            ``"bfloat16"`` on CUDA: the fused attention kernel exists only in those).
 
     Raises:
         TuningError (ValueError): bad ``trials``/``max_trials_per_task``/``runner``/``rpc``/
-            ``device_key``, no tunable task, or the work dir locked by another job.
+            ``device_key``, no tunable task, the work dir locked by another job, or a CUDA
+            target with the local runner on a machine without a CUDA device.
         TargetError: unknown ``target``.
         KeyboardInterrupt: re-raised after ``meta.json`` is written (``status: interrupted``).
     """
@@ -178,6 +191,8 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
     ms_runner, runner_info = _resolve_runner(runner, rpc, device_key, evaluator)
+    if ms_runner is None:  # the local runner measures on this machine's device
+        _check_local_device(tgt)
     if mod is None:
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) \
             else (example_inputs,)
@@ -203,7 +218,7 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
         if mod is None:
             mod, how = import_and_lower(model, example_inputs, tgt,
                                         fuse_attention=fuse_attention, block_q=block_q,
-                                        block_kv=block_kv)
+                                        block_kv=block_kv, precision=precision)
         else:
             how = "given IRModule"
         tasks = _extract(mod, tgt, workload, tag, only)
@@ -277,6 +292,16 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
                       tasks_out, time.time() - t0, status == "interrupted", how, runner_info)
 
 
+def _check_local_device(tgt) -> None:
+    """A CUDA target measured by the local runner needs a CUDA device here (fail fast)."""
+    if tgt.kind.name == "cuda" and not tvm.cuda(0).exist:
+        raise TuningError(f"target {target_tag(tgt)}: measuring candidates needs a CUDA device "
+                          "and none is visible on this machine; run on a machine with a GPU, "
+                          "or pass rpc=HOST:PORT and device_key= of an RPC tracker with a GPU "
+                          "server registered (`attnforge tune ... --rpc HOST:PORT "
+                          "--device-key KEY`)")
+
+
 def _keep_tasks(meta: dict, old_meta: dict, hashes) -> dict:
     """Keep the ``meta.json`` entries of tasks an earlier job in this dir tuned and this one
     did not (e.g. another ``only=``): their default latencies gate their records."""
@@ -299,7 +324,7 @@ def _extract(mod, tgt, workload: str, tag: str, only=None) -> list:
     prepared = prepare_module(mod, tgt)
     if tgt.kind.name == "llvm":
         ensure_cpu_intrinsics()
-    from attnforge.schedules.attention_cpu_space import is_space
+    from .tuning_space import is_attention_space as is_space
 
     tasks = [t for t in extract_tasks(prepared, tuning_target(tgt))
              if (_has_blocks(t.dispatched[0]["main"]) or is_space(t.dispatched[0]["main"]))

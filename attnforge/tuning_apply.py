@@ -199,8 +199,7 @@ def apply_tuning_logs(mod: tvm.IRModule, target, path=None, *,
         prepared = prepare_module(mod, tgt)
     with tgt, db, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase()(prepared)
-    from attnforge.schedules.attention_cpu_space import is_space
-
+    from .tuning_space import is_attention_space as is_space
     from .tuning_space import materialize_attention
 
     final, knobs = materialize_attention(applied)  # attention decisions -> real kernels

@@ -8,6 +8,11 @@ takes ~0.1-0.3 s), as a cross-check of what the search finds: each variant is bu
 against the first one and timed; results go to ``attention_blocks.json`` in the tuning-log
 directory, keyed by the attention signature.  ``best_attention_blocks(path, ...)`` reads them
 back; pass ``block_q``/``block_kv`` to ``compile_model`` to use them by hand.
+
+The CUDA kernel has no such direct search: its knobs (``block_q``, ``block_kv``, ``warp_rows``,
+``num_stages``) are searched by MetaSchedule only (``attnforge tune --target cuda --precision
+float16``; space and validity rules in :mod:`attnforge.schedules.attention_cuda_space`, whose
+``valid_configs`` lists the grid that search samples).
 """
 
 from __future__ import annotations
@@ -71,7 +76,10 @@ def tune_attention_blocks(*, batch: int = 1, q_heads: int = 8, kv_heads: int | N
 
     tgt = parse_target(target)
     if tgt.kind.name != "llvm":
-        raise TuningError(f"target={target_tag(tgt)}: the block search covers the llvm kernel")
+        raise TuningError(f"target={target_tag(tgt)}: the direct block search covers the llvm "
+                          "kernel; the CUDA kernel's knobs are tuned by MetaSchedule (`attnforge "
+                          "tune MODEL --target cuda --precision float16`, design space "
+                          "attnforge.schedules.attention_cuda_space)")
     kv_heads, kv_len = kv_heads or q_heads, kv_len or q_len
     space = {**DEFAULT_SPACE, **(space or {})}
     for k, vals in space.items():

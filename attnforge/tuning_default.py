@@ -25,12 +25,13 @@ FAILED_SECS = 1e9  # MetaSchedule stores 1e10 s for a candidate that failed to b
 
 def default_schedule(func, target):
     """``(Schedule, rule name)`` of a PrimFunc's default schedule; ``(None, None)``: no rule."""
-    if target.kind.name == "llvm":
-        from attnforge.schedules.attention_cpu_space import default_space_schedule, is_space
-        from attnforge.schedules.cpu_schedule import cpu_rules, is_schedulable
+    from .tuning_space import space_of
 
-        if is_space(func):  # our attention kernel at the generator's own knobs
-            return default_space_schedule(func), "attnforge attention kernel (generator knobs)"
+    space = space_of(func)
+    if space is not None:  # our attention kernel (CPU or CUDA) at the generator's own knobs
+        return space.default_space_schedule(func), "attnforge attention kernel (generator knobs)"
+    if target.kind.name == "llvm":
+        from attnforge.schedules.cpu_schedule import cpu_rules, is_schedulable
 
         if not is_schedulable(func):
             return None, None

@@ -1,10 +1,15 @@
-"""Tuning attnforge's fused CPU attention kernel through MetaSchedule (Relax side + runner).
+"""Tuning attnforge's fused attention kernels through MetaSchedule (Relax side + runner).
 
-The design space itself is :mod:`attnforge.schedules.attention_cpu_space`.  This module
+The design spaces themselves are :mod:`attnforge.schedules.attention_cpu_space` (llvm) and
+:mod:`attnforge.schedules.attention_cuda_space` (cuda); both expose the same functions
+(``is_space``, ``as_design_space``, ``materialize``, ``unwrap``, ``info_func``,
+``layout_arrays``, ``space_generator``), chosen here by target kind or by the workload's
+``schedule_rule``.  This module
 
-* :func:`mark_attention_spaces`: in a prepared Relax module, replaces each generated CPU
-  attention kernel by its design-space form (annotated root block), so that task extraction
-  sees it as a workload and ``MetaScheduleApplyDatabase`` can replay a record on it;
+* :func:`mark_attention_spaces`: in a prepared Relax module, replaces each generated attention
+  kernel of the target (CPU kernels on llvm, tensor-core kernels on cuda) by its design-space
+  form (annotated root block), so that task extraction sees it as a workload and
+  ``MetaScheduleApplyDatabase`` can replay a record on it;
 * :func:`materialize_attention`: after the records are applied, regenerates each decided
   kernel with its block sizes and rewrites the layout constants (``kv_num_blocks``,
   ``kv_indices``, ``kv_is_full``) of its call sites; undecided ones become the default
@@ -24,17 +29,34 @@ import json
 import tvm
 
 
-def _space():
-    from attnforge.schedules import attention_cpu_space
+def _spaces():
+    from attnforge.schedules import attention_cpu_space, attention_cuda_space
 
-    return attention_cpu_space
+    return {"llvm": attention_cpu_space, "cuda": attention_cuda_space}
+
+
+def space_for_target(target):
+    """The design-space module of ``target``'s attention kernel, or None (no space)."""
+    return _spaces().get(str(target.kind.name))
+
+
+def space_of(func):
+    """The design-space module ``func`` is a workload of, or None (not an attention space)."""
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    return next((sp for sp in _spaces().values() if sp.is_space(func)), None)
+
+
+def is_attention_space(func) -> bool:
+    """Whether ``func`` is a fused-attention design-space workload (any target)."""
+    return space_of(func) is not None
 
 
 def mark_attention_spaces(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Attention kernels (llvm) -> design-space workloads; other functions untouched."""
-    if target.kind.name != "llvm":
+    """Attention kernels of ``target`` -> design-space workloads; other functions untouched."""
+    sp = space_for_target(target)
+    if sp is None:
         return mod
-    sp = _space()
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and not sp.is_space(func):
@@ -55,10 +77,10 @@ def materialize_attention(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
     undecided ones -> the default kernel.  Returns ``(module, {function name: decisions})``."""
     from tvm import relax
 
-    sp = _space()
     new_funcs, decided, undecided = {}, {}, {}
     for gv, func in mod.functions.items():
-        if not (isinstance(func, tvm.tirx.PrimFunc) and sp.is_space(func)):
+        sp = space_of(func)
+        if sp is None:
             continue
         got = sp.materialize(func)
         if got is None:
@@ -120,22 +142,24 @@ def _rewrite_calls(mod: tvm.IRModule, new_funcs: dict) -> tvm.IRModule:
 
 # ----------------------------------------------------------------- builder and runner
 def build_candidate(mod: tvm.IRModule) -> tvm.IRModule:
-    """Tuning builder hook: a decided attention workload ``main`` -> its real kernel plus the
-    info function; any other module is returned unchanged."""
+    """Tuning builder hook: an attention workload ``main`` -> its real kernel (the decided one,
+    or the default kernel when undecided) plus the info function (the runner needs the layout
+    either way); any other module is returned unchanged."""
     func = mod["main"] if any(g.name_hint == "main" for g in mod.get_global_vars()) else None
-    sp = _space()
-    if func is None or not sp.is_space(func):
+    sp = space_of(func)
+    if sp is None:
         return mod
     got = sp.materialize(func)
     if got is None:
-        return tvm.IRModule({"main": sp.unwrap(func)})
+        return tvm.IRModule({"main": sp.unwrap(func).with_attr("global_symbol", "main"),
+                             sp.INFO_FUNC: sp.info_func(func)})
     prim, _, _ = got
     return tvm.IRModule({"main": prim.with_attr("global_symbol", "main"),
                          sp.INFO_FUNC: sp.info_func(func)})
 
 
 def _attention_info(rt_mod, device) -> dict | None:
-    sp = _space()
+    sp = _spaces()["llvm"]  # INFO_FUNC / INFO_CAP: the same for both spaces
     try:
         f = rt_mod.get_function(sp.INFO_FUNC, query_imports=True)
     except Exception:  # noqa: BLE001 - not an attention candidate
@@ -155,7 +179,7 @@ def _fix_args(rt_mod, device, repeated_args):
     info = _attention_info(rt_mod, device)
     if info is None:
         return repeated_args
-    layout = _space().layout_arrays(info)
+    layout = _spaces()["llvm"].layout_arrays(info)  # same BlockMask for both kernels
     out = []
     for args in repeated_args:
         args = list(args)
@@ -182,18 +206,21 @@ def rpc_run_evaluator(session, rt_mod, device, evaluator_config, repeated_args):
 
 def tune_contexts(tasks, work_dir: str, seed=None):
     """``extracted_tasks_to_tune_contexts`` (post-order-apply, evolutionary), except that
-    attention workloads get the attention space generator
-    (:func:`~attnforge.schedules.attention_cpu_space.space_generator`)."""
+    attention workloads get their space's generator (``space_generator`` of
+    :mod:`~attnforge.schedules.attention_cpu_space` / ``attention_cuda_space``)."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
-    sp = _space()
+    from .tuning_progress import quiet_tvm_console
+
+    quiet_tvm_console()  # an unnamed handler (left by a caller) breaks MetaSchedule's dictConfig
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in tasks])
     for task, logger, rand in zip(tasks, loggers, fork_seed(seed, n=len(tasks))):
         func = task.dispatched[0]["main"]
-        space = sp.space_generator(rand) if sp.is_space(func) else "post-order-apply"
+        sp = space_of(func)
+        space = sp.space_generator(rand) if sp is not None else "post-order-apply"
         contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target,
                                        space_generator=space, search_strategy="evolutionary",
                                        task_name=task.task_name, logger=logger,

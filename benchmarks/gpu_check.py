@@ -1,4 +1,4 @@
-"""One short GPU session (< 10 min on an H200): correctness, end-to-end models, timings.
+"""One short GPU session on an H200: checks and timings (< 10 min), CUDA tuning (~3 min).
 
 (a) every CUDA fused-attention variant (fp16/bf16, D 64/128, block_q 64/128, stages 1-3,
     causal / window / chunked / static block-sparse / dynamic bool+additive masks, GQA/MQA,
@@ -10,10 +10,29 @@
     (flash backend when causal/full, else efficient with the dense mask) and FlexAttention under
     ``torch.compile`` with the same block mask.  TFLOP/s = 4·B·H·D·visited (query, key) pairs.
 
+(d) after (a)-(c): a bounded CUDA tuning stage (``--tune-s``, default 180 s of wall time in
+    all): MetaSchedule on this GPU, fp16 (``precision="float16"``), XGBoost cost model,
+    evolutionary search, the local runner (builder timeout 60 s, runner timeout 60 s,
+    3 runs x >= 40 ms per measurement):
+    * ``attention-causal-n2048-float16``: an SDPA module, B1 H8 N2048 D64, causal, only the
+      fused attention task (design space ``schedules/attention_cuda_space.py``), 16 trials;
+    * ``llama-h512-l2-s512-float16``: the HF Llama config of ``benchmarks/tuning_cpu.py``
+      (hidden 512, 2 layers, 8 heads, seq 512), only its matmul tasks, 48 trials.
+    Each job runs in its own process with a soft deadline (checked after every measured batch:
+    the job stops, records kept) and a hard one 15 s later (process group killed).  Logs go to
+    ``OUT_DIR/tuning_logs/cuda-<arch>/<workload>/`` (MetaSchedule ``JSONDatabase`` +
+    ``meta.json``, which ``attnforge.compile_model`` applies through its gate): copy them into
+    the repository's ``tuning_logs/`` and commit.  A failed job is recorded in
+    ``results.json`` (``tuning``), it never fails the script.
+
 Writes ``table.md`` and ``results.json`` into OUT_DIR.  ``--dry-run`` builds every kernel
-(tvm.compile for cuda, optionally ``--nvcc`` to cubin) and exits before touching a GPU.
+(tvm.compile for cuda, optionally ``--nvcc`` to cubin) and exits before touching a GPU; with
+``--only tuning`` it instead extracts the tuning jobs' tasks for cuda (no measuring).
+One 10-minute device slot may not hold everything: ``--only checks`` runs (a)-(c),
+``--only tuning`` (d) alone (e.g. as a second command).
 
     python benchmarks/gpu_check.py OUT_DIR [--dry-run] [--quick] [--nvcc] [--budget-s 540]
+                                   [--only all|checks|tuning] [--tune-s 180]
 """
 
 from __future__ import annotations
@@ -22,6 +41,8 @@ import argparse
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -33,6 +54,14 @@ from attnforge.schedules.block_mask import MaskSpec
 
 T0 = time.time()
 WARP_ROWS = (16, 32)  # both kernel layouts are timed: the H200 run picks the default
+# (d) tuning jobs: workload dir name, trials, trials per measured batch, tasks, budget share
+TUNE_JOBS = {
+    "attention": {"workload": "attention-causal-n2048-float16", "trials": 16, "per_iter": 4,
+                  "only": ["attention"], "share": 0.4},
+    "llama": {"workload": "llama-h512-l2-s512-float16", "trials": 48, "per_iter": 8,
+              "only": ["matmul"], "share": 0.6},
+}
+TUNE_HARD_S = 15.0  # a job is killed this long after its soft deadline
 
 
 def _parse(argv=None):
@@ -43,6 +72,13 @@ def _parse(argv=None):
     p.add_argument("--nvcc", action="store_true", help="dry run: also nvcc every kernel")
     p.add_argument("--arch", default=None, help="default: the GPU's (dry run: sm_90)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip what would run past it")
+    p.add_argument("--only", choices=["all", "checks", "tuning"], default="all",
+                   help="checks: (a)-(c); tuning: (d) the CUDA tuning stage; all: both")
+    p.add_argument("--tune-s", type=float, default=180.0,
+                   help="wall-time budget of the whole tuning stage (0: skip it)")
+    p.add_argument("--tune-job", choices=sorted(TUNE_JOBS), default=None,
+                   help=argparse.SUPPRESS)  # internal: one tuning job in this process
+    p.add_argument("--job-budget-s", type=float, default=60.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -367,6 +403,121 @@ def _time_case(row, arch, dev, flex, n, spec, kind, extra):
     row["visited_fraction"] = bm.visited_fraction
 
 
+# ------------------------------------------------------------------ (d) CUDA tuning stage
+def _tune_model(name: str):
+    """(model, example inputs) of a tuning job (random weights, fixed seed)."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "attention":
+        class CausalSDPA(torch.nn.Module):
+            def forward(self, q, k, v):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return CausalSDPA(), tuple(torch.randn(1, 8, 2048, 64) for _ in range(3))
+    from attnforge.models import build_hf_model
+
+    return build_hf_model("llama", hidden=512, layers=2, heads=8, seq_len=512)
+
+
+def tune_job(name: str, out: Path, arch: str, budget_s: float) -> int:
+    """One tuning job in this process (``--tune-job``); prints ``TUNE_RESULT {json}``."""
+    from attnforge.tuning import tune
+
+    job = TUNE_JOBS[name]
+    deadline = T0 + budget_s
+    wdir = out / "tuning_logs" / f"cuda-{arch}" / job["workload"]
+    row = {"job": name, "workload": job["workload"], "trials": job["trials"],
+           "budget_s": round(budget_s, 1), "work_dir": str(wdir)}
+
+    def stop_at_deadline(_progress):
+        if time.time() > deadline:
+            raise KeyboardInterrupt("time budget of the tuning job")
+
+    try:
+        model, inputs = _tune_model(name)
+        res = tune(model, inputs, f"cuda:{arch}", trials=job["trials"], work_dir=wdir,
+                   workload=job["workload"], num_trials_per_iter=job["per_iter"],
+                   progress=False, seed=0, only=job["only"], precision="float16",
+                   callbacks=[stop_at_deadline], confirm_rounds=2)
+        row.update(status="complete", trials_run=res.trials_run, tasks=res.tasks)
+    except KeyboardInterrupt:
+        row["status"] = "stopped at its time budget (records so far kept)"
+    except Exception as e:  # noqa: BLE001 - recorded by the parent, never fatal
+        row.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000],
+                   trace=traceback.format_exc()[-2000:])
+    row["job_wall_s"] = round(time.time() - T0, 1)
+    print("TUNE_RESULT " + json.dumps(row, default=str), flush=True)
+    return 0 if row["status"] != "failed" else 1
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and MetaSchedule's popen workers
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def run_tuning(out: Path, arch: str, tune_s: float, results: dict) -> None:
+    """(d): each job in a subprocess with a soft and a hard deadline; summary into results."""
+    rows = results.setdefault("tuning", [])
+    usable = max(tune_s - len(TUNE_JOBS) * TUNE_HARD_S, 0.0)
+    for name, job in TUNE_JOBS.items():
+        soft = usable * job["share"]
+        row = {"job": name, "workload": job["workload"], "trials": job["trials"],
+               "soft_budget_s": round(soft, 1), "hard_budget_s": round(soft + TUNE_HARD_S, 1)}
+        rows.append(row)
+        if soft < 20:
+            row["status"] = "skipped: --tune-s too small"
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), str(out), "--tune-job", name,
+               "--job-budget-s", str(soft), "--arch", arch]
+        t = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            text, _ = proc.communicate(timeout=soft + TUNE_HARD_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            text, _ = proc.communicate()
+            row["status"] = "killed at the hard deadline (records of finished batches kept)"
+        row["wall_s"] = round(time.time() - t, 1)
+        row["rc"] = proc.returncode
+        got = [ln for ln in (text or "").splitlines() if ln.startswith("TUNE_RESULT ")]
+        if got:
+            row.update(json.loads(got[-1][len("TUNE_RESULT "):]))
+        elif "status" not in row:
+            row["status"] = "failed"
+        row["output_tail"] = (text or "")[-1500:]
+        wdir = out / "tuning_logs" / f"cuda-{arch}" / job["workload"]
+        (wdir / ".tune.lock").unlink(missing_ok=True)  # left by a killed job: not shipped
+        row["log_files"] = sorted(p.name for p in wdir.iterdir()) if wdir.exists() else []
+        print("tuning", {k: v for k, v in row.items() if k not in ("output_tail", "trace")})
+
+
+def tuning_dry_run(out: Path, arch: str) -> dict:
+    """The tuning jobs' task extraction for cuda (no GPU): what (d) would tune."""
+    from attnforge.target import parse_target
+    from attnforge.tuning import _extract, import_and_lower
+    from attnforge.tuning_space import is_attention_space
+
+    tgt = parse_target(f"cuda:{arch}")
+    rows = []
+    for name, job in TUNE_JOBS.items():
+        t = time.time()
+        model, inputs = _tune_model(name)
+        mod, _ = import_and_lower(model, inputs, tgt, precision="float16")
+        tasks = _extract(mod, tgt, job["workload"], f"cuda-{arch}", job["only"])
+        rows.append({"job": name, "workload": job["workload"], "s": round(time.time() - t, 1),
+                     "tasks": [t.task_name for t in tasks],
+                     "attention_spaces": sum(is_attention_space(t.dispatched[0]["main"])
+                                             for t in tasks)})
+        print("tuning dry run", rows[-1])
+    res = {"dry_run": True, "arch": arch, "tuning": rows}
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def write_table(out: Path, results: dict) -> None:
     lines = [f"# GPU check ({results['device']}, arch {results['arch']})", "",
              "## (a) kernel correctness (NaN-poisoned output, float64 reference)", "",
@@ -387,6 +538,16 @@ def write_table(out: Path, results: dict) -> None:
         cell = [f"{r[k + '_ms']:.3f} ({r[k + '_tflops']:.0f})"
                 for k in ("ours16", "ours32", "sdpa", "flex")]
         lines.append(f"| {r['case']} | {' | '.join(cell)} | {r['sdpa_backend']} |")
+    if results.get("tuning"):
+        lines += ["", "## (d) CUDA tuning (MetaSchedule, fp16; logs under tuning_logs/)", "",
+                  "| job | status | trials in log | wall s | best / default us per task |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in results["tuning"]:
+            per = "; ".join(f"{t['name']}: {t.get('best_us')} / {t.get('default_us')}"
+                            for t in r.get("tasks", []))
+            lines.append(f"| {r['workload']} | {r.get('status')} {r.get('error', '')[:200]} | "
+                         f"{sum(t.get('trials', 0) for t in r.get('tasks', []))} | "
+                         f"{r.get('wall_s')} | {per} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
@@ -422,8 +583,13 @@ def main(argv=None) -> int:
     args = _parse(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tune_job:  # one job of (d), started by run_tuning in its own process
+        return tune_job(args.tune_job, out, args.arch or "sm_90", args.job_budget_s)
     if args.dry_run:
-        dry_run(args, out)
+        if args.only == "tuning":
+            tuning_dry_run(out, args.arch or "sm_90")
+        else:
+            dry_run(args, out)
         return 0
     import torch
     import tvm
@@ -434,16 +600,22 @@ def main(argv=None) -> int:
         print("no CUDA GPU visible to torch; use --dry-run", file=sys.stderr)
         return 2
     if cuda_aot.find_cuda_tool("nvcc"):
-        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # inherited by the tuning jobs
     dev = tvm.cuda(0)
     major, minor = torch.cuda.get_device_capability()
     arch = args.arch or f"sm_{major}{minor}"
     results = {"device": torch.cuda.get_device_name(), "arch": arch, "torch": torch.__version__,
-               "tvm": tvm.__version__, "correctness": [], "models": [], "timing": []}
-    for part, fn in (("correctness", lambda: run_correctness(arch, args.quick, dev, results)),
-                     ("models", lambda: run_models(results, args.budget_s)),
-                     ("timing", lambda: run_timing(arch, args.quick, dev, args.budget_s,
-                                                   results))):
+               "tvm": tvm.__version__, "correctness": [], "models": [], "timing": [],
+               "tuning": []}
+    parts = []
+    if args.only in ("all", "checks"):
+        parts += [("correctness", lambda: run_correctness(arch, args.quick, dev, results)),
+                  ("models", lambda: run_models(results, args.budget_s)),
+                  ("timing", lambda: run_timing(arch, args.quick, dev, args.budget_s,
+                                                results))]
+    if args.only in ("all", "tuning") and args.tune_s > 0:  # after the checks, never fatal
+        parts.append(("tuning", lambda: run_tuning(out, arch, args.tune_s, results)))
+    for part, fn in parts:
         try:
             fn()
         except Exception as e:  # noqa: BLE001

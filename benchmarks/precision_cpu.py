@@ -8,10 +8,12 @@ fp32 PyTorch on 4 *other* random-token batches (held out). Measured:
 
 * latency: median of interleaved rounds (each round 3 calls) of our compiled module per
   precision and of eager fp32 PyTorch (``torch.no_grad``), same inputs, same thread count;
-* weight memory: bytes of the tensor constants in the module handed to ``tvm.compile``
-  (``cm.report["weight_bytes"]``), and for eager the bytes of the model's parameters; for int8
-  also the quantised layers alone (int8 weights + fp32 scale / offset vectors vs their fp32
-  weights);
+* weight memory: bytes of ALL tensor constants in the module handed to ``tvm.compile``
+  (``cm.report["weight_bytes"]``: int8 weights with their scale / offset vectors, int8
+  embedding rows with their scales, fp32 norms, the RoPE tables folded at compile time,
+  attention layouts), and for eager the bytes of the model's parameters; ``weight_memory``
+  gives fp32 / int8 over all constants and over parameters only (the non-parameter constants,
+  the same at every precision, subtracted); for int8 also the quantised linears alone;
 * activation memory: peak RSS increase while running 3 inferences, measured in a fresh
   subprocess that first loads the exported artifact (``attnforge.load``) or builds the eager
   model, then resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs, and reads
@@ -19,9 +21,13 @@ fp32 PyTorch on 4 *other* random-token batches (held out). Measured:
 * accuracy vs eager fp32: max / mean abs error, cosine; for Llama logits next-token top-1
   agreement and KL(eager || ours) (``attnforge.accuracy.accuracy_metrics``).
 
-Extra int8 rows (accuracy, latency): per-tensor min-max, per-tensor percentile, per-token +
-SmoothQuant, and weight-only rounding with fp32 math (a diagnostic: the accuracy ceiling of the
-int8 weights); the "int8" row is the default (per-token activations, no smoothing).
+The "int8" row is the default (GPTQ rounding validated per layer, int8 embeddings, LM head
+fp32, per-token activations). Extra int8 rows (accuracy, latency, weight memory): the LM head
+int8 too; the previous default (round-to-nearest, fp32 embeddings); on that previous default,
+per-tensor min-max, per-tensor percentile and per-token + SmoothQuant activations.
+``int8_error_sources`` (Llama, :mod:`int8_error_sources`): the accuracy with one part quantised
+at a time (weights only, activations only, each layer type, LM head, embedding), eager fake
+quantisation with our quantisers, same held-out batches.
 
 Linears part: the linear layers alone (one Llama layer's q/k/v/o/gate/up/down shapes,
 M = sequence) compiled at fp32 and int8 through the same pipeline (int8 includes the
@@ -29,7 +35,8 @@ activation quantize op), plus torch fp32 ``nn.Linear``; the issue's ">= 2x" targ
 our fp32.
 
 Run: ``TVM_NUM_THREADS=2 python benchmarks/precision_cpu.py [--rounds 5]``; writes
-``benchmarks/results/precision_cpu.json``. The machine is shared: the load average is recorded.
+``benchmarks/results/precision_cpu.json`` (``--quick``: sequence 128, 1 round, no extra rows,
+``precision_cpu_quick.json``). The machine is shared: the load average is recorded.
 """
 
 from __future__ import annotations
@@ -50,15 +57,21 @@ THREADS = int(os.environ["TVM_NUM_THREADS"])
 import numpy as np  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "int8")
-# extra int8 configurations (accuracy and latency only): label -> compile_model int8_options
+_PREVIOUS = {"weight_rounding": "nearest", "embeddings": "float32"}
+# extra int8 configurations (accuracy and latency; weight memory): label -> compile_model kwargs
 INT8_VARIANTS = {
-    "int8 per-tensor minmax": {"activations": "per_tensor", "method": "minmax"},
-    "int8 per-tensor percentile 99.99": {"activations": "per_tensor", "method": "percentile"},
-    "int8 per-token + SmoothQuant 0.5": {"activations": "per_token", "smooth_alpha": 0.5},
-    # diagnostic: int8-rounded weights with fp32 activations and math (accuracy ceiling of the
-    # int8 weights; no speed / memory gain)
-    "int8 weights only (fp32 math, diagnostic)": {"activations": "none"},
+    "int8 + LM head int8": {"int8_exclude": ()},
+    "int8 round-to-nearest, fp32 embeddings (previous default)": {"int8_options": _PREVIOUS},
+    # activation schemes, each against the row above (same weights: round-to-nearest, fp32
+    # embeddings; also keeps GPTQ's compile time out of these three)
+    "int8 per-tensor minmax (nearest, fp32 emb.)": {"int8_options": {
+        "activations": "per_tensor", "method": "minmax", **_PREVIOUS}},
+    "int8 per-tensor percentile 99.99 (nearest, fp32 emb.)": {"int8_options": {
+        "activations": "per_tensor", "method": "percentile", **_PREVIOUS}},
+    "int8 per-token + SmoothQuant 0.5 (nearest, fp32 emb.)": {"int8_options": {
+        "activations": "per_token", "smooth_alpha": 0.5, **_PREVIOUS}},
 }
+BERT_VARIANTS = ("int8 round-to-nearest, fp32 embeddings (previous default)",)
 CALIB_SEEDS = range(8)
 HELD_OUT_SEEDS = range(100, 104)
 TARGETS = {"linears_speedup": 2.0, "model_speedup": 1.5, "top1": 0.98, "cosine": 0.99,
@@ -189,6 +202,25 @@ def quantized_weight_bytes(report: dict) -> dict:
             "ratio": round(fp32 / int8, 3)}
 
 
+def weight_memory(row: dict) -> dict:
+    """All tensor constants of each built module (int8 weights, their scale / offset vectors,
+    int8 embedding rows and scales, fp32 norms, RoPE tables, attention layouts) vs fp32, and
+    the same without the constants that are not parameters (present at every precision)."""
+    fp32 = row["precisions"]["float32"]["weight_bytes"]
+    params = row["eager_fp32"]["weight_bytes"]
+    extra = fp32 - params  # RoPE cos/sin folded at compile time, attention block layouts
+    out = {"fp32_module_bytes": fp32, "eager_parameter_bytes": params,
+           "non_parameter_constant_bytes": extra, "ratios": {}}
+    for label, entry in row["precisions"].items():
+        if label == "float32":
+            continue
+        b = entry["weight_bytes"]
+        out["ratios"][label] = {"module_bytes": b,
+                                "fp32_over_this_all_constants": round(fp32 / b, 3),
+                                "fp32_over_this_parameters_only": round(params / (b - extra), 3)}
+    return out
+
+
 # ----------------------------------------------------------------------------- parts
 def run_model(name: str, args, tmp: pathlib.Path) -> dict:
     import torch
@@ -203,21 +235,30 @@ def run_model(name: str, args, tmp: pathlib.Path) -> dict:
                  "batch": 1, "init_range": args.init_range or "HF default (0.02)",
                  "precisions": {}}
     cms = {}
-    configs = [(p, p, None) for p in PRECISIONS]
-    configs += [(label, "int8", opts) for label, opts in INT8_VARIANTS.items()
-                if not args.no_variants]
-    for prec, precision, opts in configs:
+    configs = [(p, p, {}) for p in PRECISIONS]
+    configs += [(label, "int8", kw) for label, kw in INT8_VARIANTS.items()
+                if not args.no_variants and (name == "llama" or label in BERT_VARIANTS)]
+    for prec, precision, kw in configs:
         t0 = time.perf_counter()
-        kw = {"calibration_data": calib, "int8_options": opts} if precision == "int8" else {}
+        kw = {"calibration_data": calib, **kw} if precision == "int8" else {}
         cm = attnforge.compile_model(model, inputs, precision=precision, verify=False, **kw)
         entry = {"compile_s": round(time.perf_counter() - t0, 1),
                  "weight_bytes": cm.report["weight_bytes"],
                  "tuning_records_applied": bool(cm.report["tuning"].get("applied")),
                  "accuracy": accuracy(model, cm, inputs, names)["outputs"][0]}
         if precision == "int8":
-            entry["activations"] = (opts or {}).get("activations", "per_token")
+            q = cm.report["quantization"]
+            entry["activations"] = kw.get("int8_options", {}).get("activations", "per_token")
             entry["quantized_layers"] = quantized_weight_bytes(cm.report)
-            entry["calibration"] = cm.report["quantization"]["calibration"]
+            entry["embeddings"] = q["embeddings"]
+            entry["excluded"] = [e["name"] for e in q["excluded"]]
+            entry["weight_rounding"] = {
+                "method": q["weight_rounding"]["method"],
+                "sites": {s["name"]: s["weight"]["rounding"] for s in q["sites"]
+                          if "weight" in s}}
+            entry["calibration"] = q["calibration"]
+            entry["compile_timings_s"] = {k: round(v, 1) for k, v in
+                                          cm.report["timings_s"].items()}
         cms[prec] = cm
         row["precisions"][prec] = entry
         print(name, prec, entry, flush=True)
@@ -242,6 +283,15 @@ def run_model(name: str, args, tmp: pathlib.Path) -> dict:
         "activation_memory": measure_rss(
             {"kind": "eager", "name": name, "hidden": args.hidden, "seq": args.seq,
              "layers": args.layers, "init_range": args.init_range, "inputs": in_paths})}
+    row["weight_memory"] = weight_memory(row)
+    if name == "llama" and not args.no_breakdown:
+        from int8_error_sources import error_sources
+
+        t0 = time.perf_counter()
+        held = [held_out_inputs(inputs, seed=s) for s in HELD_OUT_SEEDS]
+        row["int8_error_sources"] = error_sources(model, calib, held)
+        row["int8_error_sources"]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(name, "error sources", json.dumps(row["int8_error_sources"]), flush=True)
     lat = row["latency_ms"]
     row["int8_speedup_vs_fp32"] = round(lat["float32"] / lat["int8"], 2)
     row["bf16_speedup_vs_fp32"] = round(lat["float32"] / lat["bfloat16"], 2)
@@ -263,12 +313,16 @@ def run_linears(args) -> dict:
         return (torch.randn(1, seq, hidden, generator=g), torch.randn(1, seq, inter, generator=g))
 
     inputs, calib = batch(), [batch() for _ in range(4)]
+    # speed only: GPTQ changes the integer values, not the kernels, so round-to-nearest here
+    # saves its compile time
+    rtn = {"weight_rounding": "nearest"}
     cms = {"float32": attnforge.compile_model(model, inputs, verify=False),
            "int8": attnforge.compile_model(model, inputs, precision="int8", verify=False,
-                                           calibration_data=calib, int8_exclude=()),
+                                           calibration_data=calib, int8_exclude=(),
+                                           int8_options=rtn),
            "int8 per-tensor": attnforge.compile_model(
                model, inputs, precision="int8", verify=False, calibration_data=calib,
-               int8_exclude=(), int8_options={"activations": "per_tensor"})}
+               int8_exclude=(), int8_options={"activations": "per_tensor", **rtn})}
     np_in = [x.numpy() for x in inputs]
     fns = {k: (lambda cm=cm: cm.run_flat(*np_in)) for k, cm in cms.items()}
     torch.set_num_threads(THREADS)
@@ -300,8 +354,8 @@ def targets(result: dict) -> dict:
             continue
         acc = row["precisions"]["int8"]["accuracy"]
         q = row["precisions"]["int8"]["quantized_layers"]
-        total = row["precisions"]["float32"]["weight_bytes"] / row["precisions"]["int8"][
-            "weight_bytes"]
+        mem = row["weight_memory"]["ratios"]
+        total = mem["int8"]["fp32_over_this_all_constants"]
         out.update({
             "llama int8 >= 1.5x fp32": {"value": row["int8_speedup_vs_fp32"],
                                         "met": row["int8_speedup_vs_fp32"] >= 1.5},
@@ -311,9 +365,15 @@ def targets(result: dict) -> dict:
                                           "met": acc["cosine"] >= TARGETS["cosine"]},
             "weight memory 4x smaller (quantised layers incl. per-channel vectors, >= 3.9x)": {
                 "value": q["ratio"], "met": q["ratio"] >= 3.9},
-            "weight memory 4x smaller (whole model, embeddings + LM head fp32)": {
-                "value": round(total, 2), "met": total >= 3.9},
+            "weight memory 4x smaller (whole module, all constants; default: int8 "
+            "embeddings, LM head fp32)": {"value": total, "met": total >= 3.9},
         })
+        lm8 = mem.get("int8 + LM head int8")
+        if lm8:
+            out["weight memory 4x smaller (whole module, all constants; LM head int8 too)"] = {
+                "value": lm8["fp32_over_this_all_constants"],
+                "parameters_only": lm8["fp32_over_this_parameters_only"],
+                "met": lm8["fp32_over_this_all_constants"] >= 3.9}
     return out
 
 
@@ -329,17 +389,25 @@ def main() -> None:
     parser.add_argument("--no-linears", action="store_true")
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the extra int8 configurations (per-tensor, SmoothQuant)")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the int8 error-source breakdown (int8_error_sources.py)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: sequence 128, 1 round, no variants / breakdown")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         print(json.dumps(rss_child(json.loads(args.rss_child))))
         return
+    if args.quick:
+        args.seq, args.rounds, args.no_variants, args.no_breakdown = 128, 1, True, True
     import torch
     import tvm
 
     name = "precision_cpu.json" if args.init_range is None else (
         f"precision_cpu_init{args.init_range}.json")
+    if args.quick:
+        name = "precision_cpu_quick.json"
     out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name)
     result = {"meta": {
         "command": "TVM_NUM_THREADS={} {} {}".format(
@@ -351,8 +419,13 @@ def main() -> None:
         "load_average_start": os.getloadavg(),
         "activation_memory": "peak RSS increase (VmHWM after reset - VmRSS) over 3 inferences "
                              "in a fresh process that loaded the artifact / built the model",
-        "weight_memory": "bytes of tensor constants in the module given to tvm.compile; eager: "
-                         "parameter bytes"}}
+        "weight_memory": "bytes of ALL tensor constants in the module given to tvm.compile "
+                         "(weights, scales, offsets, embedding scales, norms, RoPE tables, "
+                         "attention layouts); eager: parameter bytes; per model "
+                         "weight_memory.ratios: fp32 module / this module, and the same with "
+                         "the non-parameter constants (fp32 module - eager parameters) "
+                         "subtracted from both",
+        "note": "latency is meaningful only on a quiet machine (see load averages)"}}
     with tempfile.TemporaryDirectory() as tmp:
         result["models"] = [run_model(m, args, pathlib.Path(tmp))
                             for m in args.models.split(",") if m]

@@ -46,6 +46,8 @@ from ._symbolic_shape import shape_dims  # static dims: ints, symbolic: SymDim
 __all__ = ["FuseAttention"]
 
 _VIEW_OPS = ("relax.broadcast_to", "relax.reshape")
+# ops peel_input may walk through (views, scalar scales, Kᵀ); any other producer ends the walk
+_PEELABLE = frozenset(_VIEW_OPS + ("relax.multiply", "relax.divide", "relax.permute_dims"))
 _MIN_FILL = -1e30  # a where-fill at or below this acts like -inf on realistic scores
 
 
@@ -97,7 +99,7 @@ class _Matcher:
         while True:
             c = self.call(e)
             name = ir.op_name(c)
-            if name is None:
+            if name not in _PEELABLE:  # e.g. concat (a tuple argument): the operand starts here
                 break
             arg = c.args[0]
             in_shape, out_shape = shape_dims(arg), shape_dims(e)

@@ -32,6 +32,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..schedules.block_mask import MaskSpec
 from . import _attention_ir as ir
+from ._attention_qk import check_attention_qk, select_qk_kernel
 from .analyze_attention_mask import spec_from_attrs
 
 __all__ = ["KERNEL_NAME", "KERNEL_NAMES", "LowerAttentionToTIR"]
@@ -159,11 +160,13 @@ class _Lowerer(PyExprMutator):
         if getattr(plan, "dynamic", False):  # symbolic lengths: lower_attention_dynamic
             return plan.kernel(self)
         kw = {**plan.kernel_args(), **self.extra}
+        # int8 Q K^T kernel when _attention_qk.select_qk_kernel chose it for this site
+        generate, symbol = getattr(plan, "qk_kernel", None) or (self.generate, self.symbol)
         key = repr(sorted((k, repr(v)) for k, v in kw.items() if k != "mask")) + repr(
-            ir.spec_key(plan.spec))
+            ir.spec_key(plan.spec)) + symbol
         if key not in self.kernels:
-            prim, bm = self.generate(**kw)
-            gv = self.builder_.add_func(prim, self.symbol)
+            prim, bm = generate(**kw)
+            gv = self.builder_.add_func(prim, symbol)
             # one symbol per kernel variant, or the build links duplicates
             self.builder_.update_func(gv, prim.with_attr("global_symbol", gv.name_hint))
             self.kernels[key] = (gv, bm)
@@ -236,13 +239,15 @@ class LowerAttentionToTIR:
     """Lower attention calls to the fused kernel of ``target`` (module docstring)."""
 
     def __init__(self, target, block_q: int | None = None, block_kv: int = 64,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, attention_qk: str = "float32"):
         self.target, self.block_kv, self.compute_dtype = target, block_kv, compute_dtype
         self.block_q = block_q
+        self.attention_qk = attention_qk  # "int8": Q K^T on VNNI (passes/_attention_qk.py)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = _as_target(self.target)
         kind = str(target.kind.name)
+        check_attention_qk(self.attention_qk, target)
         builder = _kernel_builder(target)
         # Tensor-core tiles want 128 query rows; the CPU kernel's register tile wants 64.
         block_q = self.block_q or (128 if kind == "cuda" else 64)
@@ -258,6 +263,7 @@ class LowerAttentionToTIR:
             else:
                 lowerer = lowerer or _Lowerer(mod, plans, builder)
                 try:
+                    select_qk_kernel(lowerer, plan, self.attention_qk)
                     lowerer._kernel(plan)
                     plan.lowered_to = KERNEL_NAMES[kind]
                     plans[var] = plan
@@ -270,7 +276,8 @@ class LowerAttentionToTIR:
             for caller in {c for c, _, _, v in sites if v in plans}:
                 lowerer.builder_.update_func(caller, lowerer.visit_expr(mod[caller]))
             mod = _drop_unused_attention(lowerer.builder_.get())
-        report = [p.entry(i, c, v) for i, (p, c, v) in enumerate(entries)]
+        report = [{**p.entry(i, c, v), **getattr(p, "qk_entry", {})}
+                  for i, (p, c, v) in enumerate(entries)]
         return mod.with_attr(ir.M_SITES, report) if report else mod
 
 

@@ -33,7 +33,7 @@ def mixed_precision_passes(precision: str = "float16") -> tvm.transform.Sequenti
 
 def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64,
                        compute_dtype: str | None = None, mixed_precision: bool | str | None = None,
-                       sparsity=None) -> tvm.transform.Pass:
+                       sparsity=None, attention_qk: str = "float32") -> tvm.transform.Pass:
     """Flat ``Sequential``: FuseAttention -> AnalyzeAttentionMask -> [AMP] -> LowerAttentionToTIR.
 
     ``block_q`` None picks the target's default (64 on llvm, 128 on cuda); ``compute_dtype``
@@ -41,7 +41,8 @@ def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64
     ``mixed_precision`` (``"float16"``/``"bfloat16"``; ``True`` means float16) runs
     :func:`mixed_precision_passes` on the rest of the graph.  AMP must run before lowering: it
     rejects modules holding ``call_tir`` to PrimFuncs ("Expected TensorType, but got R.Callable").  ``sparsity`` is a
-    policy (``attnforge.sparsity``) ANDed into every site's mask.
+    policy (``attnforge.sparsity``) ANDed into every site's mask.  ``attention_qk="int8"``:
+    int8 Q K^T in the llvm kernel (``passes/_attention_qk.py``).
     """
     return tvm.transform.Sequential(
         [
@@ -56,7 +57,7 @@ def attention_pipeline(target, *, block_q: int | None = None, block_kv: int = 64
             if mixed_precision else tvm.transform.Sequential([]),
             # Phase 3: replace the calls by the fused kernel of `target` (others stay fused).
             LowerAttentionToTIR(target, block_q=block_q, block_kv=block_kv,
-                                compute_dtype=compute_dtype),
+                                compute_dtype=compute_dtype, attention_qk=attention_qk),
         ],
         name="attnforge.attention_pipeline",
     )

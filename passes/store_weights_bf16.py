@@ -7,7 +7,9 @@ What it does
     memory, the product and the accumulation stay fp32. TVM legalises the mixed-dtype matmul to
     a PrimFunc that reads ``float32(W_bf16[k, n])``; our ``MatmulCPU`` rule schedules it like an
     fp32 matmul (the bf16 -> fp32 widening happens on the packed weight panel, one shift per
-    loaded vector; no ``vdpbf16ps``: TVM 0.27 cannot emit it, see docs/tvm_notes.md).
+    loaded vector). On CPUs with AVX-512 BF16, ``LowerBF16Matmul`` then moves the sites with
+    >= 16 rows onto bf16 x bf16 -> fp32 ``vdpbf16ps``; this pass alone is the path for the
+    smaller sites and for CPUs without it.
 
 Preconditions: weights bound as constants and folded to ``[K, N]`` (``FoldConstant``).
 Place: after the attention passes, before legalisation (``precision="bfloat16"`` on llvm).

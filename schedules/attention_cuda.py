@@ -153,6 +153,13 @@ def fused_attention_cuda(
     attrs = {"global_symbol": global_symbol, "tir.noalias": True, "op_pattern": 8}
     if not emu:  # hand-scheduled: dlight / MetaSchedule must leave it alone
         attrs["tirx.is_scheduled"] = True
+        from .attention_cuda_space import design_space_attrs  # MetaSchedule design space
+
+        attrs.update(design_space_attrs(
+            batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Nq, kv_len=Nk, head_dim=D, v_head_dim=Dv,
+            dtype=dtype, scale=scale, mask=mask, block_q=block_q, block_kv=block_kv,
+            mask_input=mask_input, mask_input_shape=mask_input_shape, empty_rows=empty_rows,
+            arch=arch, num_stages=num_stages, warp_rows=warp_rows, score_mod=score_mod))
     return func.with_attr(attrs), bm
 
 

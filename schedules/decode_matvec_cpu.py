@@ -13,7 +13,9 @@ accumulator (a ``cache_write`` tile LLVM keeps in registers).  Weight bytes are 
 which is what bounds decoding.  Wider panels matter: with 32 columns each k step reads 128 bytes
 from a row 128 KB away from the last one; 64 columns (256 bytes) took the 32000 x 512 LM head at
 one row from ~6.5 ms to ~5 ms (12-14 GB/s on 2 cores; torch ``F.linear``: ~6.3 ms).  Spatial blocks after the matmul are inlined into the write-back
-when possible.  Anything else returns ``None``.
+when possible.  bf16 weights (``StoreWeightsBF16``: ``A fp32 x float32(B bf16)``) take the same
+schedule: the widening is a shift on the loaded vector and the bytes read halve.  Anything else
+returns ``None``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def _int(x) -> int | None:
 
 class DecodeMatvecCPU(ScheduleRule):
     def __init__(self, max_rows: int = 16, nr: int = 32, wide_nr: int = 64,
-                 wide_rows: int = 4):
+                 wide_rows: int = 4, weight_dtypes=("float32", "bfloat16")):
         self.max_rows, self.nr, self.wide_nr, self.wide_rows = max_rows, nr, wide_nr, wide_rows
+        self.weight_dtypes = tuple(weight_dtypes)
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -71,7 +74,7 @@ class DecodeMatvecCPU(ScheduleRule):
             return None
         if not a_idx[-1].same_as(red):
             return None
-        if b.source.dtype != "float32" or a.source.dtype != "float32":
+        if b.source.dtype not in self.weight_dtypes or a.source.dtype != "float32":
             return None
         loops = sch.get_loops(main)
         extents = [_int(sch.get(lp).extent) for lp in loops]

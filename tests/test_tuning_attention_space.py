@@ -287,3 +287,22 @@ def test_shipped_logs_used_by_default_and_opt_out(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_TUNING_LOGS", str(tmp_path / "none"))
     cm4 = attnforge.compile_model(model, x)
     assert "no tuning logs shipped" in cm4.report["tuning"]["reason"]
+
+
+def test_undecided_candidate_builds_default_kernel_with_layout_info():
+    """An undecided workload (e.g. a default schedule that only replays no-op instructions)
+    builds as the default kernel and still carries the info function, so the runner passes
+    the real layout arrays, not random ``kv_indices``; ``space_of`` finds the CPU space."""
+    from attnforge.tuning_space import build_candidate, space_of
+
+    _, space = _space(MaskSpec.causal())
+    assert space_of(space) is sp
+    mod = build_candidate(tvm.IRModule({"main": space}))
+    assert {g.name_hint for g in mod.get_global_vars()} == {"main", sp.INFO_FUNC}
+    lib = tvm.compile(mod, target=default_cpu_target())
+    buf = tvm.runtime.empty((sp.INFO_CAP,), "int32", tvm.cpu())
+    lib[sp.INFO_FUNC](buf)
+    data = buf.numpy()
+    info = json.loads(bytes(data[:int(np.argmax(data == 0))].astype(np.uint8)).decode())
+    assert (info["block_q"], info["block_kv"], info["rows"]) == (64, 64, 4)
+    assert [a.shape for a in sp.layout_arrays(info)][0] == (1, 2)  # 100 rows / 64

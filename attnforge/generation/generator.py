@@ -3,7 +3,10 @@
 Each :meth:`Generator.step` first prefills every newly added request (one compiled prefill
 per prompt, its K/V written into the paged cache, its first token chosen from the prefill
 logits), then runs *one* compiled decode over all requests that were already running (a
-batch bucket >= their count; padding rows have no pages and are ignored).  Requests finish
+batch bucket >= their count; padding rows have no pages and are ignored).  With
+``prefill_chunk=C`` a prompt longer than ``C`` is prefilled ``C`` tokens per step instead
+(each chunk attends to the pages already cached) and yields its first token with its last
+chunk, so a long prompt does not stall the running requests' decode.  Requests finish
 on ``eos_token_id`` or after ``max_new_tokens``; their pages go back to the pool at once and
 their record stays until :meth:`remove` (or until :meth:`generate`/:meth:`stream` collect it).
 """
@@ -20,8 +23,9 @@ import torch
 
 from ..errors import InputError
 from .paged_kv import PagedKVCache
-from .programs import DecodeProgram, PrefillProgram, compile_program
+from .programs import ChunkProgram, DecodeProgram, PrefillProgram, compile_program
 from .sampling import SamplingParams, choose_token
+from .sparsity import policy_windows
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Request:
     eos: frozenset
     rng: np.random.Generator
     state: str = "waiting"  # waiting -> running -> finished
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     finish_reason: str | None = None
     timings: dict = field(default_factory=dict)
 
@@ -57,7 +62,9 @@ class Generator:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, page_size: int = 16,
                  target="llvm", num_pages: int | None = None,
                  prefill_buckets: Sequence[int] | None = None,
-                 decode_buckets: Sequence[int] | None = None):
+                 decode_buckets: Sequence[int] | None = None, precision: str = "float32",
+                 sparsity=None, int8_exclude=None, int8_options: dict | None = None,
+                 prefill_chunk: int | None = None):
         from ..target import is_cuda, parse_target
         from .hf_attention import AttentionContext, attention_context, register
 
@@ -78,6 +85,8 @@ class Generator:
             raise InputError(f"max_seq_len={max_seq_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
         self.model = model.eval()
+        self.sparsity = sparsity
+        self._policy_windows = 0 if sparsity is None else policy_windows(sparsity)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_batch_size, self.max_seq_len, self.page_size = (max_batch_size, max_seq_len,
                                                                  page_size)
@@ -86,12 +95,16 @@ class Generator:
         prev = cfg._attn_implementation
         cfg._attn_implementation = register()
         try:
-            ctx = AttentionContext("prefill")
+            ctx = AttentionContext("prefill", policy_windows=self._policy_windows)
             with torch.no_grad(), attention_context(ctx):
                 model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)
         finally:
             cfg._attn_implementation = prev
         self.num_layers = len(ctx.keys)
+        if isinstance(self._policy_windows, dict) and max(self._policy_windows) >= self.num_layers:
+            raise InputError(f"compile_generator: sparsity policy {sparsity.describe()} names "
+                             f"layer {max(self._policy_windows)}; the model has "
+                             f"{self.num_layers} layers")
         _, self.kv_heads, _, self.head_dim = ctx.keys[0].shape
         windows = set(ctx.windows)
         self.window = windows.pop() if len(windows) == 1 else 0  # mixed: keep every page
@@ -106,9 +119,23 @@ class Generator:
             self.prefill_buckets.append(max_seq_len)
         if self.decode_buckets[-1] < max_batch_size:
             self.decode_buckets.append(max_batch_size)
+        self.precision = precision
+        self._compile_kw = dict(precision=precision, int8_exclude=int8_exclude,
+                                int8_options=int8_options)
+        if prefill_chunk is not None and not 1 <= prefill_chunk <= max_seq_len:
+            raise InputError(f"prefill_chunk={prefill_chunk!r}: need 1 <= prefill_chunk <= "
+                             f"max_seq_len={max_seq_len}")
+        self.prefill_chunk = prefill_chunk
+        self._chunk = None
         self._prefill: dict[int, object] = {}
         self._decode: dict[int, object] = {}
         self.compile_reports: dict[str, dict] = {}
+        self.report: dict = {
+            "precision": precision, "target": "llvm",
+            "sparsity": None if sparsity is None else sparsity.describe(),
+            "window": self.window, "kv_pool_bytes": self.kv.k.nbytes + self.kv.v.nbytes,
+            "kv_dtype": str(self.kv.k.dtype).replace("torch.", ""),
+            "programs": self.compile_reports}  # + "accuracy" (compile_generator(verify=True))
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         gen_cfg = getattr(model, "generation_config", None)
@@ -130,10 +157,25 @@ class Generator:
         if nb not in self._prefill:
             ex = (torch.zeros(1, nb, dtype=torch.long), torch.arange(nb)[None],
                   torch.tensor([nb - 1]))
-            cm, rep = compile_program(PrefillProgram(self.model), ex, self.target)
+            cm, rep = compile_program(PrefillProgram(self.model, self._policy_windows), ex,
+                                      self.target, sparsity=self.sparsity, **self._compile_kw)
             cm.run_flat(*ex)  # the VM's first call costs ~1 s (loading constants): pay it now
             self._prefill[nb], self.compile_reports[f"prefill_{nb}"] = cm, rep
         return nb, self._prefill[nb]
+
+    def chunk_program(self):
+        """The compiled chunked-prefill program (``prefill_chunk`` tokens over the cache)."""
+        if self._chunk is None:
+            c = self.prefill_chunk
+            ex = (torch.zeros(1, c, dtype=torch.long), torch.arange(c)[None], self.kv.k,
+                  self.kv.v, torch.zeros(1, self.max_pages_per_seq, dtype=torch.int32),
+                  torch.zeros(1, dtype=torch.int32), torch.tensor([c - 1]))
+            # no sparsity= here: the policy's window is part of the chunk's run-time mask
+            cm, rep = compile_program(ChunkProgram(self.model, self._policy_windows), ex,
+                                      self.target, **self._compile_kw)
+            cm.run_flat(*ex)  # first call (see above); ctx_len 0: no cached key is read
+            self._chunk, self.compile_reports[f"chunk_{c}"] = cm, rep
+        return self._chunk
 
     def decode_program(self, batch: int):
         """The compiled decode for ``batch`` rows (bucketed; compiled on first use)."""
@@ -143,7 +185,8 @@ class Generator:
                   self.kv.k, self.kv.v,
                   torch.zeros(bb, self.max_pages_per_seq, dtype=torch.int32),
                   torch.zeros(bb, dtype=torch.int32))
-            cm, rep = compile_program(DecodeProgram(self.model), ex, self.target)
+            cm, rep = compile_program(DecodeProgram(self.model, self._policy_windows), ex,
+                                      self.target, **self._compile_kw)
             cm.run_flat(*ex)  # first call (see above); empty page tables: the pool is not read
             self._decode[bb], self.compile_reports[f"decode_{bb}"] = cm, rep
         return bb, self._decode[bb]
@@ -260,8 +303,40 @@ class Generator:
         if running:
             out.update(self._decode_step(running))
         for req in [r for r in self._requests.values() if r.state == "waiting"]:
-            out[req.id] = self._prefill_one(req)
+            if self.prefill_chunk and len(req.tokens) > self.prefill_chunk:
+                tok = self._prefill_chunk(req)  # one chunk per step; a token after the last
+                if tok is not None:
+                    out[req.id] = tok
+            else:
+                out[req.id] = self._prefill_one(req)
         return out
+
+    def _prefill_chunk(self, req: Request) -> int | None:
+        t0 = time.perf_counter()
+        req.timings.setdefault("prefill_start", t0)
+        c, n0, n = self.prefill_chunk, req.prefilled, len(req.tokens)
+        n1 = min(n0 + c, n)
+        cm = self.chunk_program()
+        ids, pos = torch.zeros(1, c, dtype=torch.long), torch.full((1, c), n0, dtype=torch.long)
+        ids.numpy()[0, :n1 - n0] = req.tokens[n0:n1]
+        pos.numpy()[0, :n1 - n0] = np.arange(n0, n1)  # padding rows: any valid position
+        table = torch.zeros(1, self.max_pages_per_seq, dtype=torch.int32)
+        row = self.kv.tables[req.id]
+        table.numpy()[0, :len(row)] = np.maximum(row, 0) if row else []
+        lens = torch.tensor([n0], dtype=torch.int32)
+        logits, k, v = cm.run_flat(ids, pos, self.kv.k, self.kv.v, table, lens,
+                                   torch.tensor([n1 - n0 - 1]))
+        self.kv.write(req.id, np.asarray(k)[:, 0, :, :n1 - n0], np.asarray(v)[:, 0, :, :n1 - n0],
+                      n0)
+        req.prefilled = n1
+        if n1 < n:
+            return None
+        tok = choose_token(np.asarray(logits)[0], req.params, req.rng)
+        req.tokens.append(tok)
+        req.state = "running"
+        req.timings["ttft_s"] = time.perf_counter() - req.timings.pop("prefill_start")
+        self._finish_if_done(req, tok)
+        return tok
 
     def _prefill_one(self, req: Request) -> int:
         t0 = time.perf_counter()

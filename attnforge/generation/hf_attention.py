@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .sparsity import effective_window
+
 ATTN_IMPLEMENTATION = "attnforge_paged"
 _LOCAL = threading.local()
 
@@ -35,7 +37,7 @@ _LOCAL = threading.local()
 class AttentionContext:
     """What the attention function needs during one traced/eager forward."""
 
-    mode: str  # "prefill" | "decode"
+    mode: str  # "prefill" | "chunk" (chunked prefill over the cache) | "decode"
     k_pool: torch.Tensor | None = None  # [L, P, KVH, D, page]
     v_pool: torch.Tensor | None = None  # [L, P, KVH, page, D]
     page_table: torch.Tensor | None = None  # [B, max_pages] int32
@@ -43,6 +45,9 @@ class AttentionContext:
     keys: list = field(default_factory=list)  # new K per layer, [B, KVH, N, D]
     values: list = field(default_factory=list)
     windows: list = field(default_factory=list)  # sliding window per layer (0 = none)
+    # compile_generator(sparsity=): the policy's decode window, int or {layer: window}
+    # (generation/sparsity.py); the prefill gets the policy through the attention passes
+    policy_windows: dict | int = 0
 
 
 @contextlib.contextmanager
@@ -73,6 +78,34 @@ def prefill_attention(q, k, v, scale: float, window: int | None) -> torch.Tensor
     j = torch.arange(n)[None, :]
     keep = (j <= i) & (i - j < window)  # HF: kv_idx > q_idx - sliding_window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+
+
+def chunk_attention(q, k, v, k_pool, v_pool, page_table, ctx_lens, layer: int, scale: float,
+                    window: int) -> torch.Tensor:
+    """Chunked prefill: ``C`` new queries (positions ``ctx_len + i``) over the sequence's cached
+    K/V (gathered from its pages, ``page_table[0]`` in logical order) and the chunk's own K/V
+    (causal), ``[1, H, C, D]``. The keep-mask depends on the run-time ``ctx_len``: the fused
+    kernel applies it as a run-time mask on every block (dense over the cache)."""
+    c = q.shape[2]
+    pages = page_table[0].long()
+    kc = k_pool[layer].index_select(0, pages)  # [MP, KVH, D, S]
+    vc = v_pool[layer].index_select(0, pages)  # [MP, KVH, S, D]
+    mp, kvh, d, s = kc.shape
+    kc = kc.permute(1, 0, 3, 2).reshape(1, kvh, mp * s, d)
+    vc = vc.permute(1, 0, 2, 3).reshape(1, kvh, mp * s, d)
+    cached = mp * s
+    groups = q.shape[1] // kvh
+    keys = _repeat_kv(torch.cat([kc, k], 2), groups)
+    values = _repeat_kv(torch.cat([vc, v], 2), groups)
+    j = torch.arange(cached + c)[None, :]
+    i = torch.arange(c)[:, None]
+    n = ctx_lens[0]
+    keep = torch.where(j < cached, j < n, j - cached <= i)
+    if window:  # HF: key position > query position - window
+        kpos = torch.where(j < cached, j, j - cached + n)
+        keep = keep & (kpos > i + n - window)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep[None, None],
+                                          scale=scale)
 
 
 @torch.library.custom_op("attnforge::paged_decode_attention", mutates_args=())
@@ -119,12 +152,17 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         raise RuntimeError(f"{ATTN_IMPLEMENTATION!r} attention runs only inside an attnforge "
                            "generator forward (no AttentionContext is active)")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    window = int(sliding_window or 0)
+    model_window = int(sliding_window or 0)
+    window = effective_window(model_window, ctx.policy_windows,
+                              int(getattr(module, "layer_idx", len(ctx.keys))))
     ctx.keys.append(key)
     ctx.values.append(value)
     ctx.windows.append(window)
-    if ctx.mode == "prefill":
-        out = prefill_attention(query, key, value, scale, window or None)
+    if ctx.mode == "prefill":  # a sparsity policy is ANDed in by the attention passes
+        out = prefill_attention(query, key, value, scale, model_window or None)
+    elif ctx.mode == "chunk":  # the policy's window is part of the run-time mask here
+        out = chunk_attention(query, key, value, ctx.k_pool, ctx.v_pool, ctx.page_table,
+                              ctx.ctx_lens, int(module.layer_idx), scale, window)
     else:
         out = torch.ops.attnforge.paged_decode_attention(
             query[:, :, 0], key[:, :, 0], value[:, :, 0], ctx.k_pool, ctx.v_pool,

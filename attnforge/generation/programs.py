@@ -24,9 +24,10 @@ from . import hf_attention as ha
 
 
 class _Wrapper(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, policy_windows: dict | int = 0):
         super().__init__()
         self.model = model
+        self.policy_windows = policy_windows  # sparsity policy's decode windows (.sparsity)
 
     def _hidden(self, ctx, input_ids, position_ids):
         with ha.attention_context(ctx):
@@ -37,7 +38,20 @@ class _Wrapper(torch.nn.Module):
 
 class PrefillProgram(_Wrapper):
     def forward(self, input_ids, position_ids, last):
-        ctx = ha.AttentionContext("prefill")
+        ctx = ha.AttentionContext("prefill", policy_windows=self.policy_windows)
+        h = self._hidden(ctx, input_ids, position_ids)
+        logits = self.model.get_output_embeddings()(h[:, last])[:, 0]
+        return logits, torch.stack(ctx.keys), torch.stack(ctx.values)
+
+
+class ChunkProgram(_Wrapper):
+    """Chunked prefill ``(input_ids[1, C], position_ids[1, C], k_pool, v_pool, page_table[1, MP],
+    ctx_lens[1], last[1]) -> (logits[1, V], K[L, 1, KVH, C, D], V[...])``: ``C`` prompt tokens
+    after the ``ctx_lens[0]`` already cached ones."""
+
+    def forward(self, input_ids, position_ids, k_pool, v_pool, page_table, ctx_lens, last):
+        ctx = ha.AttentionContext("chunk", k_pool, v_pool, page_table, ctx_lens,
+                                  policy_windows=self.policy_windows)
         h = self._hidden(ctx, input_ids, position_ids)
         logits = self.model.get_output_embeddings()(h[:, last])[:, 0]
         return logits, torch.stack(ctx.keys), torch.stack(ctx.values)
@@ -45,18 +59,27 @@ class PrefillProgram(_Wrapper):
 
 class DecodeProgram(_Wrapper):
     def forward(self, input_ids, position_ids, k_pool, v_pool, page_table, ctx_lens):
-        ctx = ha.AttentionContext("decode", k_pool, v_pool, page_table, ctx_lens)
+        ctx = ha.AttentionContext("decode", k_pool, v_pool, page_table, ctx_lens,
+                                  policy_windows=self.policy_windows)
         h = self._hidden(ctx, input_ids, position_ids)
         logits = self.model.get_output_embeddings()(h[:, 0])
         return logits, torch.stack(ctx.keys), torch.stack(ctx.values)
 
 
-def compile_program(wrapper: torch.nn.Module, example_inputs: tuple, target):
-    """Compile one wrapper; returns ``(CompiledModel, report)``."""
+def compile_program(wrapper: torch.nn.Module, example_inputs: tuple, target, *,
+                    precision: str = "float32", sparsity=None, int8_exclude=None,
+                    int8_options: dict | None = None):
+    """Compile one wrapper; returns ``(CompiledModel, report)``.
+
+    ``precision`` / ``sparsity`` go through ``compile_model``'s own lowering (``_lower``: the
+    policy is ANDed into the prefill's fused attention sites; the decode program has none, its
+    window is set by the attention context) and :func:`.precision.lower_precision`."""
     from ..compiler import _build, _lower
     from ..frontends import import_torch_model
     from ..frontends.paged_attention import OP_KEY, convert_paged_decode_attention
+    from ..quantization import constant_bytes
     from ..runtime import CompiledModel
+    from .precision import lower_precision, split_int8_options
 
     t0 = time.perf_counter()
     model = wrapper.model
@@ -69,10 +92,17 @@ def compile_program(wrapper: torch.nn.Module, example_inputs: tuple, target):
     finally:
         model.config._attn_implementation = prev
         model.train(was_training)
-    mod, sites = _lower(imp.mod, target, True, None, 64)
+    int8_options, attention_qk = split_int8_options(precision, target, int8_options)
+    mod, sites = _lower(imp.mod, target, True, None, 64, precision=precision, sparsity=sparsity,
+                        attention_qk=attention_qk)
+    mod, extra = lower_precision(mod, target, precision, example_inputs, model, sites,
+                                 int8_exclude=int8_exclude, int8_options=int8_options,
+                                 attention_qk=attention_qk)
     mod, schedules = _schedule_generation(mod, target)
+    weight_bytes = constant_bytes(mod)
     exe = _build(mod, target)
-    report = {"attention": sites, "schedules": schedules,
+    report = {"precision": precision, "attention": sites, "schedules": schedules,
+              "weight_bytes": weight_bytes, **extra,
               "compile_s": round(time.perf_counter() - t0, 3)}
     return CompiledModel(exe, target, imp.input_specs, imp.output_desc, report), report
 

@@ -6,7 +6,7 @@ import torch
 
 from attnforge.errors import InputError
 
-VOCAB = 512  # tests/generation/conftest.py builds the models with this vocabulary
+from tiny_lms import VOCAB  # the vocabulary of the tiny models the tests build
 
 
 def _prompt(n, seed):
@@ -156,9 +156,23 @@ def test_compile_generator_rejects_unsupported_settings(generators):
     from attnforge import compile_generator
 
     model, _ = generators["gpt2"]
-    with pytest.raises(ValueError, match="precision='bfloat16' is not supported"):
-        compile_generator(model, max_batch_size=1, max_seq_len=32, precision="bfloat16")
+    with pytest.raises(InputError, match="precision='float16' is not supported"):
+        compile_generator(model, max_batch_size=1, max_seq_len=32, precision="float16")
+    with pytest.raises(InputError, match="per-tensor scales need calibration"):
+        compile_generator(model, max_batch_size=1, max_seq_len=32, precision="int8",
+                          int8_options={"activations": "per_tensor"})
+    with pytest.raises(InputError, match="need precision='int8'"):
+        compile_generator(model, max_batch_size=1, max_seq_len=32, int8_exclude=["lm_head"])
     with pytest.raises(InputError, match="max_position_embeddings=256"):
         compile_generator(model, max_batch_size=1, max_seq_len=4096)
     with pytest.raises(InputError, match="target='llvm' only"):
         compile_generator(model, max_batch_size=1, max_seq_len=32, target="cuda:sm_90")
+
+
+def test_fp32_generator_accuracy_report_is_exact(generators):
+    for name in ("llama", "mistral", "gpt2"):
+        acc = generators[name][1].report["accuracy"]
+        assert acc["precision"] == "float32"
+        assert acc["prefill_logits"]["cosine_min"] > 1 - 1e-6
+        assert acc["prefill_logits"]["top1_agreement"] == 1.0
+        assert acc["greedy"]["identical_token_fraction"] == 1.0

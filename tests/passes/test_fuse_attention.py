@@ -10,6 +10,7 @@ from tvm.script import relax as R
 T4 = R.Tensor((2, 4, 8, 4), "float32")
 S4 = R.Tensor((2, 4, 8, 8), "float32")
 K2 = R.Tensor((2, 2, 8, 4), "float32")
+KH = R.Tensor((2, 4, 4, 4), "float32")  # half of T4's rows
 T3 = R.Tensor((8, 8, 4), "float32")
 NINF = -math.inf
 
@@ -329,3 +330,52 @@ def test_no_attention_is_a_no_op():
     after = FuseAttention()(Before)
     tvm.ir.assert_structural_equal(after, Before)
     assert attention_rejections(after) == []
+
+
+def test_concatenated_kv_producer_ends_the_operand_walk():
+    """K and V made by concat (a cached prefix + new rows, as chunked prefill builds them):
+    concat takes a tuple, so the walk back from the operands stops there and the site fuses."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: T4, k0: KH, k1: KH, v0: KH, v1: KH) -> T4:
+            with R.dataflow():
+                k = R.concat((k0, k1), axis=2)
+                v = R.concat((v0, v1), axis=2)
+                kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+                s = R.matmul(q, kt)
+                s2 = R.multiply(s, R.const(0.5, "float32"))
+                p = R.nn.softmax(s2, axis=-1)
+                o = R.matmul(p, v)
+                R.output(o)
+            return o
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def attention(q: T4, k: T4, v: T4) -> T4:
+            R.func_attr({"Composite": "attnforge.attention", "attnforge.gqa_groups": 1,
+                         "attnforge.layout": "BHND", "attnforge.mask_kind": "none",
+                         "attnforge.safe_softmax": False, "attnforge.scale": 0.5})
+            with R.dataflow():
+                kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+                s = R.matmul(q, kt)
+                s2 = R.multiply(s, R.const(0.5, "float32"))
+                p = R.nn.softmax(s2, axis=-1)
+                o = R.matmul(p, v)
+                R.output(o)
+            return o
+
+        @R.function
+        def main(q: T4, k0: KH, k1: KH, v0: KH, v1: KH) -> T4:
+            cls = Expected
+            with R.dataflow():
+                k = R.concat((k0, k1), axis=2)
+                v = R.concat((v0, v1), axis=2)
+                o = cls.attention(q, k, v)
+                R.output(o)
+            return o
+
+    _check(Before, Expected)
+    assert attention_rejections(FuseAttention()(Before)) == []

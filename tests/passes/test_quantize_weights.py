@@ -99,3 +99,62 @@ def test_errors():
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="site 0 has a NaN/inf weight"):
         QuantizeWeights()(_bind(Before, w=w, w2=w2))
+
+
+def _mixing(k, seed=4):
+    """A fixed channel mixing: activations ``z @ mix`` have correlated, unequal channels."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((k, k)) / np.sqrt(k) + np.diag(rng.uniform(0.2, 2.0, k))
+
+
+def _correlated_inputs(rng, tokens, k):
+    return rng.standard_normal((tokens, k)) @ _mixing(k)
+
+
+def test_gptq_reduces_output_error_on_fresh_inputs():
+    """GPTQ (K = 200: crosses its 128-row block) vs round-to-nearest: same scales, int8 in
+    [-127, 127], and a smaller output error on inputs it was not calibrated on."""
+    from attnforge.passes._gptq import gptq_round, output_error
+
+    rng = np.random.default_rng(3)
+    k, n = 200, 24
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    x_cal = _correlated_inputs(np.random.default_rng(4), 1024, k)
+    x_new = _correlated_inputs(np.random.default_rng(5), 1024, k)  # fresh draws
+    q_rtn, s = quantize_weight(w)
+    q_gptq, s2 = quantize_weight(w, x_cal.T @ x_cal)
+    np.testing.assert_array_equal(s, s2)
+    assert q_gptq.dtype == np.int8 and np.abs(q_gptq.astype(int)).max() <= 127
+    assert (q_gptq != q_rtn).mean() > 0.05  # it really re-rounds
+
+    def err(q, x):
+        return float(np.sum((x @ (q * s - w).astype(np.float64)) ** 2))
+
+    assert err(q_gptq, x_new) < 0.8 * err(q_rtn, x_new)
+    h = x_cal.T @ x_cal
+    assert output_error(w, q_gptq, s, h) < 0.8 * output_error(w, q_rtn, s, h)
+    # with H = I every row is independent: GPTQ is round-to-nearest
+    np.testing.assert_array_equal(gptq_round(w, s, np.eye(k)), q_rtn)
+
+
+def test_gptq_dead_channel_rounds_to_nearest():
+    from attnforge.passes._gptq import gptq_round
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    x = rng.standard_normal((64, 8))
+    x[:, 2] = 0.0  # never active in calibration
+    q_rtn, s = quantize_weight(w)
+    np.testing.assert_array_equal(gptq_round(w, s, x.T @ x)[2], q_rtn[2])
+
+
+def test_hessians_give_gptq_sites():
+    w, w2 = _weights()
+    h = _correlated_inputs(np.random.default_rng(7), 64, 8)
+    h = h.T @ h
+    wq, ws = quantize_weight(w, h)
+    w2q, w2s = quantize_weight(w2)
+    got = QuantizeWeights(hessians={0: h})(_bind(Before, w=w, w2=w2))
+    tvm.ir.assert_structural_equal(got, _bind(Expected, wq=wq, ws=ws, w2q=w2q, w2s=w2s))
+    with pytest.raises(ValueError, match=r"site 1: gptq_round: weight \(16, 8\) needs"):
+        QuantizeWeights(hessians={1: h})(_bind(Before, w=w, w2=w2))
