@@ -198,7 +198,14 @@ def main() -> None:
     meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     meta["bf16_note"] = ("ours bf16 includes rounding x from fp32 inside the kernel and "
                          "writes fp32; torch bf16 takes bf16 x and writes bf16")
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "bf16_rows": bf16_rows}, indent=1))
+    # --only: keep the other table (and the meta of the run that measured it) from the file
+    prev = json.loads(out.read_text()) if opts.only and out.exists() else {}
+    runs = dict(prev.get("runs") or {s: prev["meta"] for s in ("fp32", "bf16") if "meta" in prev})
+    runs.update({s: meta for s in ("fp32", "bf16") if opts.only in (None, s)})
+    data = {"meta": meta, "runs": runs,
+            "rows": prev.get("rows", []) if opts.only == "bf16" else rows,
+            "bf16_rows": prev.get("bf16_rows", []) if opts.only == "fp32" else bf16_rows}
+    out.write_text(json.dumps(data, indent=1))
     cols = ["attnforge", "torch", "stock TVM"]
     print("\n| shape | M x N x K | " + " | ".join(f"{c} ms (GFLOP/s)" for c in cols) + " |")
     print("|---|---|" + "---|" * len(cols))
