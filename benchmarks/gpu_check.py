@@ -396,6 +396,40 @@ def _time_case(row, arch, dev, flex, n, spec, kind, extra):
     row["visited_fraction"] = bm.visited_fraction
 
 
+def write_table(out: Path, results: dict) -> None:
+    lines = [f"# GPU check ({results['device']}, arch {results['arch']})", "",
+             "## (a) kernel correctness (NaN-poisoned output, float64 reference)", "",
+             "| variant | ok | max abs err |", "| --- | --- | --- |"]
+    for r in results["correctness"]:
+        lines.append(f"| {r['name']} | {r.get('ok')} | {r.get('max_abs_err', r.get('error'))} |")
+    lines += ["", "## (b) models end to end", "", results.get("models_note", ""), "",
+              "| model | ok | max abs err / error |", "| --- | --- | --- |"]
+    for r in results["models"]:
+        lines.append(f"| {r['model']} | {r.get('ok')} | {r.get('max_abs_err', r.get('error'))} |")
+    lines += ["", "## (c) fused attention B=4 H=16 D=128 fp16 (ms, TFLOP/s on visited pairs)",
+              "", ("| case | ours (16 rows/warp) | ours (32 rows/warp) | SDPA | Flex (compiled) "
+                   "| SDPA backend |"), "| --- | --- | --- | --- | --- | --- |"]
+    for r in results["timing"]:
+        if "sdpa_tflops" not in r:
+            lines.append(f"| {r['case']} | {r.get('skipped', r.get('error'))} | | | | |")
+            continue
+        cell = [f"{r[k + '_ms']:.3f} ({r[k + '_tflops']:.0f})"
+                for k in ("ours16", "ours32", "sdpa", "flex")]
+        lines.append(f"| {r['case']} | {' | '.join(cell)} | {r['sdpa_backend']} |")
+    if results.get("tuning"):
+        lines += ["", "## (d) CUDA tuning (MetaSchedule, fp16; logs under tuning_logs/)", "",
+                  "| job | status | trials in log | wall s | best / default us per task |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in results["tuning"]:
+            per = "; ".join(f"{t['name']}: {t.get('best_us')} / {t.get('default_us')}"
+                            for t in r.get("tasks", []))
+            lines.append(f"| {r['workload']} | {r.get('status')} {r.get('error', '')[:200]} | "
+                         f"{sum(t.get('trials', 0) for t in r.get('tasks', []))} | "
+                         f"{r.get('wall_s')} | {per} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def dry_run(args, out: Path) -> dict:
     """Build every kernel this script would run; never touches a GPU."""
     arch = args.arch or "sm_90"

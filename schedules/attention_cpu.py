@@ -47,7 +47,7 @@ from .attention_args import (
     check_mask_shape,
     element_allowed,
 )
-from .attention_cpu_exp import exp2_poly
+from .attention_cpu_softmax import normalize_and_store, online_softmax_step
 from .attention_score_mod import (
     apply_score_mod,
     check_score_mod,
@@ -173,7 +173,6 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
     qmul = scale if additive or has_sm else scale * _LOG2E
     emul = _LOG2E if additive or has_sm else 1.0
     neg_inf = tirx.const(float("-inf"), f32)
-    zero = tirx.const(0.0, f32)
     k_tail = not isinstance(Nk, int) or Nk % BK != 0  # symbolic Nk: checked at run time
     structured = spec.kind == "structured"
     has_tensor = mask_input is not None
@@ -215,6 +214,9 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
     def tmask(score, value):
         """Apply one mask-tensor element: add it, or -inf where False."""
         return score + f32c(value) if additive else T.Select(value, score, neg_inf)
+
+    softmax_step = online_softmax_step(BQ, BK, emul)
+    store_rows = normalize_and_store(BQ, Dv, Nq, dtype, empty_rows)
 
     def body(Q, K, V, KNB, KIDX, KFULL, M, O):
         MT = T.alloc_buffer(mt_shape, mdt, scope="global")  # transposed mask (if pre_t)
@@ -296,22 +298,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                         else:  # transposed read of the [q, k] tile (scalar loop)
                             for i, kk in T.grid(BQ, BK):
                                 S[kk, i] = tmask(S[kk, i], M[mindex(b, h, q0 + i, k0 + kk)])
-                # Online softmax across lanes (queries).
-                for i in T.vectorized(BQ):
-                    mu[i] = m[i]
-                for kk in range(BK):
-                    for i in T.vectorized(BQ):
-                        mu[i] = T.max(mu[i], S[kk, i])
-                for i in T.vectorized(BQ):
-                    alpha[i] = exp2_poly((m[i] - T.Select(mu[i] == neg_inf, zero,
-                                                              mu[i])) * T.float32(emul))
-                    m[i] = mu[i]
-                    mu[i] = T.Select(mu[i] == neg_inf, zero, mu[i])
-                    lsum[i] = lsum[i] * alpha[i]
-                for kk in range(BK):
-                    for i in T.vectorized(BQ):
-                        S[kk, i] = exp2_poly((S[kk, i] - mu[i]) * T.float32(emul))
-                        lsum[i] = lsum[i] + S[kk, i]
+                softmax_step(S, m, mu, alpha, lsum)  # online softmax across lanes (queries)
                 # OT = alpha OT + V_blk^T P, rows x BQ register tile per step.
                 for dr in range(Dv // Rv):
                     for r, i in T.grid(Rv0, BQ):
@@ -331,18 +318,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                         OT[dr * Rv + r, i] = acc0[r, i]
                     for r, i in T.grid(Rv1, BQ):
                         OT[dr * Rv + Rv0 + r, i] = acc1[r, i]
-            for i in T.vectorized(BQ):
-                if empty_rows == "zero":
-                    alpha[i] = T.Select(lsum[i] > zero, T.float32(1) / lsum[i], zero)
-                else:
-                    alpha[i] = T.float32(1) / lsum[i]
-            for i in range(BQ):
-                if q0 + i < Nq:
-                    for d in range(Dv):
-                        if empty_rows == "zero":
-                            O[b, h, q0 + i, d] = T.Cast(dtype, OT[d, i] * alpha[i])
-                        else:
-                            O[b, h, q0 + i, d] = T.Cast(dtype, OT[d, i] / lsum[i])
+            store_rows(O, OT, alpha, lsum, b, h, q0)
 
     macro = T.macro(body, hygienic=True)
     shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)

@@ -51,7 +51,7 @@ from .attention_args import (
     element_allowed,
 )
 from .attention_cpu import _DTYPES, _EMPTY_ROWS, _LOG2E, _MASK_INPUTS, check_cpu_tiles
-from .attention_cpu_exp import exp2_poly
+from .attention_cpu_softmax import normalize_and_store, online_softmax_step
 from .attention_score_mod import apply_score_mod, check_score_mod, finish_kernel, with_fast_tanh
 from .block_mask import BlockMask, MaskSpec
 
@@ -186,6 +186,9 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
     def quant(x, inv):  # round-to-nearest-even, clamped to the symmetric int8 range
         return tirx.Cast(i32, tirx.max(tirx.min(tirx.nearbyint(x * inv), tirx.const(127.0, f32)),
                                        tirx.const(-127.0, f32)))
+
+    softmax_step = online_softmax_step(BQ, BK, emul)
+    store_rows = normalize_and_store(BQ, Dv, Nq, dtype, empty_rows)
 
     def body(Q, K, V, KNB, KIDX, KFULL, M, O):
         KU = T.alloc_buffer((B, Hkv, nkb * BK, Dp), "uint8", scope="global")
@@ -333,22 +336,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                         else:  # transposed read of the [q, k] tile (scalar loop)
                             for i, kk in T.grid(BQ, BK):
                                 S[kk, i] = tmask(S[kk, i], M[mindex(b, h, q0 + i, k0 + kk)])
-                # Online softmax across lanes (queries), as in the fp32 kernel.
-                for i in T.vectorized(BQ):
-                    mu[i] = m[i]
-                for kk in range(BK):
-                    for i in T.vectorized(BQ):
-                        mu[i] = T.max(mu[i], S[kk, i])
-                for i in T.vectorized(BQ):
-                    alpha[i] = exp2_poly((m[i] - T.Select(mu[i] == neg_inf, zero,
-                                                          mu[i])) * T.float32(emul))
-                    m[i] = mu[i]
-                    mu[i] = T.Select(mu[i] == neg_inf, zero, mu[i])
-                    lsum[i] = lsum[i] * alpha[i]
-                for kk in range(BK):
-                    for i in T.vectorized(BQ):
-                        S[kk, i] = exp2_poly((S[kk, i] - mu[i]) * T.float32(emul))
-                        lsum[i] = lsum[i] + S[kk, i]
+                softmax_step(S, m, mu, alpha, lsum)  # online softmax, as in the fp32 kernel
                 # OT = alpha OT + V_blk^T P in fp32.
                 for dr in range(Dv // Rv):
                     for r, i in T.grid(Rv0, BQ):
@@ -368,18 +356,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                         OT[dr * Rv + r, i] = oacc0[r, i]
                     for r, i in T.grid(Rv1, BQ):
                         OT[dr * Rv + Rv0 + r, i] = oacc1[r, i]
-            for i in T.vectorized(BQ):
-                if empty_rows == "zero":
-                    alpha[i] = T.Select(lsum[i] > zero, T.float32(1) / lsum[i], zero)
-                else:
-                    alpha[i] = T.float32(1) / lsum[i]
-            for i in range(BQ):
-                if q0 + i < Nq:
-                    for d in range(Dv):
-                        if empty_rows == "zero":
-                            O[b, h, q0 + i, d] = T.Cast(dtype, OT[d, i] * alpha[i])
-                        else:
-                            O[b, h, q0 + i, d] = T.Cast(dtype, OT[d, i] / lsum[i])
+            store_rows(O, OT, alpha, lsum, b, h, q0)
 
     macro = T.macro(body, hygienic=True)
     shapes = (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), (B, Hq, Nq, Dv)
