@@ -47,7 +47,7 @@ from .attention_args import (
     check_mask_shape,
     element_allowed,
 )
-from .attention_cpu_softmax import normalize_and_store, online_softmax_step
+from .attention_cpu_softmax import accumulate_pv, normalize_and_store, online_softmax_step
 from .attention_score_mod import (
     apply_score_mod,
     check_score_mod,
@@ -79,6 +79,32 @@ def check_cpu_tiles(block_q: int, block_kv: int, rows: int) -> None:
           f"block_q and block_kv must be positive, got {block_q}x{block_kv}")
     check(rows > 0, f"rows (micro-kernel height) must be positive, got {rows}")
     check(block_kv % rows == 0, f"block_kv ({block_kv}) must be a multiple of rows ({rows})")
+
+
+def check_mask_args(mask, mask_input, mask_input_shape, empty_rows, scale, dims, block_q,
+                    block_kv):
+    """The CPU kernels' shared checks of scale / mask / empty_rows, and the block layout:
+    returns ``(mask_shape or None, BlockMask, layout heads, max blocks per row)``."""
+    B, Hq, Nq, Nk = dims
+    check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
+          f"got {mask_input!r}")
+    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
+          f"got {empty_rows!r}")
+    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
+    if mask.kind == "static":
+        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
+              "tensor (mask_input='bool')")
+    if mask.kind == "dynamic":
+        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
+              "(mask_input='bool' or 'additive')")
+    mshape = None
+    if mask_input is not None:
+        mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
+    bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
+    Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
+    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    return mshape, bm, Hm, W
 
 
 def fused_attention_cpu(
@@ -125,25 +151,8 @@ def fused_attention_cpu(
                                   f"use one of {_DTYPES} (cast the inputs)")
     check_dims(B, Hq, Hkv, Nq, Nk, D, Dv)
     check_cpu_tiles(block_q, block_kv, rows)
-    check(math.isfinite(scale), f"scale must be finite, got {scale}")
-    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
-           f"got {mask_input!r}")
-    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
-           f"got {empty_rows!r}")
-    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
-    if mask.kind == "static":
-        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
-               "tensor (mask_input='bool')")
-    if mask.kind == "dynamic":
-        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
-               "(mask_input='bool' or 'additive')")
-    mshape = None
-    if mask_input is not None:
-        mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
-
-    bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
-    Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
-    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    mshape, bm, Hm, W = check_mask_args(mask, mask_input, mask_input_shape, empty_rows, scale,
+                                        (B, Hq, Nq, Nk), block_q, block_kv)
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, rows, Hm, W, bm.visited_fraction, score_mod=score_mod)
     func = func.with_attr({"global_symbol": global_symbol, "tir.noalias": True,
@@ -192,7 +201,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
     mt_shape = (mpad[0], 1, nkb * BK, nqp) if pre_t else (1, 1, 1, 1)
     Rv = R if Dv % R == 0 else math.gcd(Dv, R)
     # Two register tiles so each stays under LowerTVMBuiltin's 1 KiB stack-alloca limit.
-    R0, R1, Rv0, Rv1 = R - R // 2, R // 2, Rv - Rv // 2, Rv // 2
+    R0, R1 = R - R // 2, R // 2
 
     def f32c(x):
         return x if dtype == f32 else tirx.Cast(f32, x)
@@ -216,6 +225,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
         return score + f32c(value) if additive else T.Select(value, score, neg_inf)
 
     softmax_step = online_softmax_step(BQ, BK, emul)
+    pv_step = accumulate_pv(BK, BQ, Dv, Rv, f32c, kclamp)
     store_rows = normalize_and_store(BQ, Dv, Nq, dtype, empty_rows)
 
     def body(Q, K, V, KNB, KIDX, KFULL, M, O):
@@ -299,25 +309,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                             for i, kk in T.grid(BQ, BK):
                                 S[kk, i] = tmask(S[kk, i], M[mindex(b, h, q0 + i, k0 + kk)])
                 softmax_step(S, m, mu, alpha, lsum)  # online softmax across lanes (queries)
-                # OT = alpha OT + V_blk^T P, rows x BQ register tile per step.
-                for dr in range(Dv // Rv):
-                    for r, i in T.grid(Rv0, BQ):
-                        acc0[r, i] = OT[dr * Rv + r, i] * alpha[i]
-                    for r, i in T.grid(Rv1, BQ):
-                        acc1[r, i] = OT[dr * Rv + Rv0 + r, i] * alpha[i]
-                    for kk in range(BK):
-                        for r in T.unroll(Rv0):
-                            for i in T.vectorized(BQ):
-                                acc0[r, i] = acc0[r, i] + f32c(
-                                    V[b, hk, kclamp(k0 + kk), dr * Rv + r]) * S[kk, i]
-                        for r in T.unroll(Rv1):
-                            for i in T.vectorized(BQ):
-                                acc1[r, i] = acc1[r, i] + f32c(
-                                    V[b, hk, kclamp(k0 + kk), dr * Rv + Rv0 + r]) * S[kk, i]
-                    for r, i in T.grid(Rv0, BQ):
-                        OT[dr * Rv + r, i] = acc0[r, i]
-                    for r, i in T.grid(Rv1, BQ):
-                        OT[dr * Rv + Rv0 + r, i] = acc1[r, i]
+                pv_step(OT, acc0, acc1, V, S, alpha, b, hk, k0)  # OT = alpha OT + V_blk^T P
             store_rows(O, OT, alpha, lsum, b, h, q0)
 
     macro = T.macro(body, hygienic=True)

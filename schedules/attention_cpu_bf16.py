@@ -36,10 +36,9 @@ from .attention_args import (
     attention_prim_func,
     check,
     check_dims,
-    check_mask_shape,
     element_allowed,
 )
-from .attention_cpu import _EMPTY_ROWS, _LOG2E, _MASK_INPUTS, check_cpu_tiles
+from .attention_cpu import _LOG2E, check_cpu_tiles, check_mask_args
 from .attention_cpu_softmax import normalize_and_store, online_softmax_step
 from .bf16_intrin_cpu import WRAPPER_SYMBOL, f32_to_bf16_bits, with_llvm_import
 from .block_mask import BlockMask, MaskSpec
@@ -100,24 +99,8 @@ def fused_attention_cpu_bf16(
           f"fp32 scores per 16 queries), got {block_q}")
     check(D % 2 == 0 and block_kv % 2 == 0, f"bf16 attention: head_dim ({D}) and block_kv "
           f"({block_kv}) must be even (vdpbf16ps multiplies pairs)")
-    check(math.isfinite(scale), f"scale must be finite, got {scale}")
-    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
-          f"got {mask_input!r}")
-    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
-          f"got {empty_rows!r}")
-    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
-    if mask.kind == "static":
-        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
-              "tensor (mask_input='bool')")
-    if mask.kind == "dynamic":
-        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
-              "(mask_input='bool' or 'additive')")
-    mshape = None
-    if mask_input is not None:
-        mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
-    bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
-    Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
-    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    mshape, bm, Hm, W = check_mask_args(mask, mask_input, mask_input_shape, empty_rows, scale,
+                                        (B, Hq, Nq, Nk), block_q, block_kv)
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, rows, Hm, W)
     func = with_llvm_import(func)

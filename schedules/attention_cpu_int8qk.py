@@ -47,11 +47,10 @@ from .attention_args import (
     attention_prim_func,
     check,
     check_dims,
-    check_mask_shape,
     element_allowed,
 )
-from .attention_cpu import _DTYPES, _EMPTY_ROWS, _LOG2E, _MASK_INPUTS, check_cpu_tiles
-from .attention_cpu_softmax import normalize_and_store, online_softmax_step
+from .attention_cpu import _DTYPES, _LOG2E, check_cpu_tiles, check_mask_args
+from .attention_cpu_softmax import accumulate_pv, normalize_and_store, online_softmax_step
 from .attention_score_mod import apply_score_mod, check_score_mod, finish_kernel, with_fast_tanh
 from .block_mask import BlockMask, MaskSpec
 
@@ -103,24 +102,8 @@ def fused_attention_cpu_int8qk(
     check_cpu_tiles(block_q, block_kv, rows)
     check(block_q % 16 == 0, f"int8 QK^T: block_q must be a multiple of 16 (one zmm of int32 "
           f"scores per 16 queries), got {block_q}")
-    check(math.isfinite(scale), f"scale must be finite, got {scale}")
-    check(mask_input in _MASK_INPUTS, f"mask_input must be one of {_MASK_INPUTS}, "
-          f"got {mask_input!r}")
-    check(empty_rows in _EMPTY_ROWS, f"empty_rows must be one of {_EMPTY_ROWS}, "
-          f"got {empty_rows!r}")
-    check(isinstance(mask, MaskSpec), f"mask must be a MaskSpec, got {type(mask).__name__}")
-    if mask.kind == "static":
-        check(mask_input == "bool", "mask kind 'static': also pass the static mask as a bool "
-              "tensor (mask_input='bool')")
-    if mask.kind == "dynamic":
-        check(mask_input is not None, "mask kind 'dynamic': pass the mask tensor "
-              "(mask_input='bool' or 'additive')")
-    mshape = None
-    if mask_input is not None:
-        mshape = check_mask_shape(mask_input_shape, (B, Hq, Nq, Nk))
-    bm = BlockMask.from_spec(mask, Nq, Nk, block_q, block_kv)
-    Hm, W = int(bm.kv_num_blocks.shape[0]), bm.max_blocks
-    check(Hm in (1, Hq), f"static mask has {Hm} heads; expected 1 or q_heads={Hq}")
+    mshape, bm, Hm, W = check_mask_args(mask, mask_input, mask_input_shape, empty_rows, scale,
+                                        (B, Hq, Nq, Nk), block_q, block_kv)
     func = _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, mask, block_q, block_kv, mask_input,
                   mshape, empty_rows, rows, Hm, W, bool(smooth_k), score_mod)
     info = {"qk": "int8", "pv": "float32", "smooth_k": bool(smooth_k),
@@ -188,6 +171,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                                        tirx.const(-127.0, f32)))
 
     softmax_step = online_softmax_step(BQ, BK, emul)
+    pv_step = accumulate_pv(BK, BQ, Dv, Rv, f32c, kclamp)
     store_rows = normalize_and_store(BQ, Dv, Nq, dtype, empty_rows)
 
     def body(Q, K, V, KNB, KIDX, KFULL, M, O):
@@ -337,25 +321,7 @@ def _build(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale, spec, BQ, BK, mask_input, ms
                             for i, kk in T.grid(BQ, BK):
                                 S[kk, i] = tmask(S[kk, i], M[mindex(b, h, q0 + i, k0 + kk)])
                 softmax_step(S, m, mu, alpha, lsum)  # online softmax, as in the fp32 kernel
-                # OT = alpha OT + V_blk^T P in fp32.
-                for dr in range(Dv // Rv):
-                    for r, i in T.grid(Rv0, BQ):
-                        oacc0[r, i] = OT[dr * Rv + r, i] * alpha[i]
-                    for r, i in T.grid(Rv1, BQ):
-                        oacc1[r, i] = OT[dr * Rv + Rv0 + r, i] * alpha[i]
-                    for kk in range(BK):
-                        for r in T.unroll(Rv0):
-                            for i in T.vectorized(BQ):
-                                oacc0[r, i] = oacc0[r, i] + f32c(
-                                    V[b, hk, kclamp(k0 + kk), dr * Rv + r]) * S[kk, i]
-                        for r in T.unroll(Rv1):
-                            for i in T.vectorized(BQ):
-                                oacc1[r, i] = oacc1[r, i] + f32c(
-                                    V[b, hk, kclamp(k0 + kk), dr * Rv + Rv0 + r]) * S[kk, i]
-                    for r, i in T.grid(Rv0, BQ):
-                        OT[dr * Rv + r, i] = oacc0[r, i]
-                    for r, i in T.grid(Rv1, BQ):
-                        OT[dr * Rv + Rv0 + r, i] = oacc1[r, i]
+                pv_step(OT, oacc0, oacc1, V, S, alpha, b, hk, k0)  # OT = alpha OT + V_blk^T P, fp32
             store_rows(O, OT, alpha, lsum, b, h, q0)
 
     macro = T.macro(body, hygienic=True)

@@ -13,7 +13,7 @@ from tvm.script import tirx as T
 
 from .attention_cpu_exp import exp2_poly
 
-__all__ = ["normalize_and_store", "online_softmax_step"]
+__all__ = ["accumulate_pv", "normalize_and_store", "online_softmax_step"]
 
 
 def online_softmax_step(BQ: int, BK: int, emul: float):
@@ -42,6 +42,36 @@ def online_softmax_step(BQ: int, BK: int, emul: float):
                 lsum[i] = lsum[i] + S[kk, i]
 
     return T.macro(step, hygienic=True)
+
+
+def accumulate_pv(BK: int, BQ: int, Dv: int, Rv: int, f32c, kclamp):
+    """Macro ``(OT, acc0, acc1, V, S, alpha, b, hk, k0)``: ``OT = alpha * OT + V_blkᵀ P`` in
+    fp32, ``Rv`` output channels per step split over two register tiles (``acc0``: the first
+    ``Rv - Rv // 2`` rows, ``acc1``: the rest; each under LowerTVMBuiltin's 1 KiB stack-alloca
+    limit). ``f32c`` widens a V element to fp32, ``kclamp`` clamps a key index into range."""
+    Rv0, Rv1 = Rv - Rv // 2, Rv // 2
+
+    def pv(OT, acc0, acc1, V, S, alpha, b, hk, k0):
+        for dr in range(Dv // Rv):
+            for r, i in T.grid(Rv0, BQ):
+                acc0[r, i] = OT[dr * Rv + r, i] * alpha[i]
+            for r, i in T.grid(Rv1, BQ):
+                acc1[r, i] = OT[dr * Rv + Rv0 + r, i] * alpha[i]
+            for kk in range(BK):
+                for r in T.unroll(Rv0):
+                    for i in T.vectorized(BQ):
+                        acc0[r, i] = acc0[r, i] + f32c(
+                            V[b, hk, kclamp(k0 + kk), dr * Rv + r]) * S[kk, i]
+                for r in T.unroll(Rv1):
+                    for i in T.vectorized(BQ):
+                        acc1[r, i] = acc1[r, i] + f32c(
+                            V[b, hk, kclamp(k0 + kk), dr * Rv + Rv0 + r]) * S[kk, i]
+            for r, i in T.grid(Rv0, BQ):
+                OT[dr * Rv + r, i] = acc0[r, i]
+            for r, i in T.grid(Rv1, BQ):
+                OT[dr * Rv + Rv0 + r, i] = acc1[r, i]
+
+    return T.macro(pv, hygienic=True)
 
 
 def normalize_and_store(BQ: int, Dv: int, Nq, dtype: str, empty_rows: str):
