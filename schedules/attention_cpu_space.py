@@ -91,10 +91,31 @@ def _root(func):
     return body.block if isinstance(body, tvm.s_tir.SBlockRealize) else None
 
 
+def is_space_of(func, rule_name: str) -> bool:
+    """Whether ``func`` is a design-space workload of ``rule_name`` (annotated root block);
+    shared with :mod:`.attention_cuda_space`."""
+    root = _root(func) if isinstance(func, tirx.PrimFunc) else None
+    return root is not None and str(root.annotations.get("schedule_rule", "")) == rule_name
+
+
 def is_space(func) -> bool:
     """Whether ``func`` is an attention design-space workload (annotated root block)."""
-    root = _root(func) if isinstance(func, tirx.PrimFunc) else None
-    return root is not None and str(root.annotations.get("schedule_rule", "")) == RULE_NAME
+    return is_space_of(func, RULE_NAME)
+
+
+def wrap_as_space(func: tirx.PrimFunc, rule_name: str, args) -> tirx.PrimFunc:
+    """``func``'s body under a root block annotated with ``rule_name`` and the generator's
+    ``args`` (JSON): the tuning workload."""
+    root = tvm.s_tir.SBlock([], [], [], "root", func.body,
+                            annotations={"schedule_rule": rule_name, ARGS_KEY: str(args)})
+    # MetaSchedule's flop counter cannot walk the kernel (Let nodes): give it the count
+    flops = int(estimated_flops(decode_args(str(args))))
+    # No global symbol: MetaSchedule keys a workload by the function named "main" (the build
+    # names the kernel after its GlobalVar again). A hand-scheduled kernel must not stay
+    # "scheduled" either, or task extraction drops it.
+    return func.with_body(tvm.s_tir.SBlockRealize([], True, root)).with_attr(
+        {"estimated_flops": flops, "tirx.noalias": True}).without_attr(
+        "global_symbol").without_attr("tirx.is_scheduled")
 
 
 def as_design_space(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
@@ -104,14 +125,7 @@ def as_design_space(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     args = func.attrs.get(ARGS_KEY) if func.attrs is not None else None
     if args is None or _root(func) is not None:
         return None
-    root = tvm.s_tir.SBlock([], [], [], "root", func.body,
-                            annotations={"schedule_rule": RULE_NAME, ARGS_KEY: str(args)})
-    # MetaSchedule's flop counter cannot walk the kernel (Let nodes): give it the count
-    flops = int(estimated_flops(decode_args(str(args))))
-    # No global symbol: MetaSchedule keys a workload by the function named "main" (the build
-    # names the kernel after its GlobalVar again).
-    return func.with_body(tvm.s_tir.SBlockRealize([], True, root)).with_attr(
-        {"estimated_flops": flops, "tirx.noalias": True}).without_attr("global_symbol")
+    return wrap_as_space(func, RULE_NAME, args)
 
 
 def estimated_flops(args: dict) -> float:
@@ -137,13 +151,27 @@ def knob_candidates(args: dict) -> dict[str, list[int]]:
     return out
 
 
+def knob_decisions(func, knobs) -> dict | None:
+    """The values of ``knobs`` a replayed trace annotated on ``func``'s root block (a space
+    workload), or None when any is missing (untuned)."""
+    ann = _root(func).annotations
+    got = {k: int(ann[ANN_PREFIX + k]) for k in knobs if ANN_PREFIX + k in ann}
+    return got if len(got) == len(knobs) else None
+
+
+def sample_knobs(sch, block, candidates: dict, force: dict | None):
+    """Draw each knob from its candidates (``force``: fixed decisions) and annotate ``block``
+    with it; the body of both spaces' MetaSchedule rules."""
+    for knob, cands in candidates.items():
+        idx = None if force is None else cands.index(int(force[knob]))
+        rv = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands), decision=idx)
+        sch.annotate(block, ANN_PREFIX + knob, rv)
+    return [sch]
+
+
 def decisions(func) -> dict | None:
     """The knob values a replayed trace annotated, or None (no decision: untuned)."""
-    if not is_space(func):
-        return None
-    ann = _root(func).annotations
-    got = {k: int(ann[ANN_PREFIX + k]) for k in KNOBS if ANN_PREFIX + k in ann}
-    return got if len(got) == len(KNOBS) else None
+    return knob_decisions(func, KNOBS) if is_space(func) else None
 
 
 def attention_space_rule(sch, block, force: dict | None = None):
@@ -151,11 +179,7 @@ def attention_space_rule(sch, block, force: dict | None = None):
 
     ``force`` fixes the decisions (the default schedule: the layout's own block sizes)."""
     args = decode_args(sch.get(block).annotations[ARGS_KEY])
-    for knob, cands in knob_candidates(args).items():
-        idx = None if force is None else cands.index(int(force[knob]))
-        rv = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands), decision=idx)
-        sch.annotate(block, ANN_PREFIX + knob, rv)
-    return [sch]
+    return sample_knobs(sch, block, knob_candidates(args), force)
 
 
 tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE_NAME}", attention_space_rule,

@@ -40,13 +40,11 @@ from .attention_cpu_space import (  # noqa: F401 - re-exported: shared with the 
     INFO_CAP,
     INFO_FUNC,
     decode_args,
-    estimated_flops,
     kernel_args_json,
     layout_arrays,
 )
 
 RULE_NAME = "attnforge_attention_cuda"
-ANN_PREFIX = "attnforge."
 KNOBS = {"block_q": (64, 128), "block_kv": (32, 64, 128), "warp_rows": (16, 32),
          "num_stages": (1, 2, 3)}
 DEFAULTS = {"block_q": 128, "block_kv": 64, "warp_rows": 16, "num_stages": 2}  # the generator's
@@ -139,15 +137,12 @@ def design_space_attrs(**kw) -> dict:
     return {} if args is None else {ARGS_KEY: args}
 
 
-def _root(func):
-    body = func.body
-    return body.block if isinstance(body, tvm.s_tir.SBlockRealize) else None
+_root = _cpu._root
 
 
 def is_space(func) -> bool:
     """Whether ``func`` is a CUDA attention design-space workload (annotated root block)."""
-    root = _root(func) if isinstance(func, tirx.PrimFunc) else None
-    return root is not None and str(root.annotations.get("schedule_rule", "")) == RULE_NAME
+    return _cpu.is_space_of(func, RULE_NAME)
 
 
 def _is_cuda_kernel_args(text) -> bool:
@@ -164,14 +159,7 @@ def as_design_space(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     args = func.attrs.get(ARGS_KEY) if func.attrs is not None else None
     if args is None or _root(func) is not None or not _is_cuda_kernel_args(args):
         return None
-    root = tvm.s_tir.SBlock([], [], [], "root", func.body,
-                            annotations={"schedule_rule": RULE_NAME, ARGS_KEY: str(args)})
-    flops = int(estimated_flops(decode_args(str(args))))
-    # hand-scheduled kernel: the workload must not be "scheduled" or task extraction drops it;
-    # no global symbol: MetaSchedule keys a workload by the function named "main"
-    return func.with_body(tvm.s_tir.SBlockRealize([], True, root)).with_attr(
-        {"estimated_flops": flops, "tirx.noalias": True}).without_attr(
-        "global_symbol").without_attr("tirx.is_scheduled")
+    return _cpu.wrap_as_space(func, RULE_NAME, args)
 
 
 def unwrap(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -183,22 +171,14 @@ def unwrap(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def decisions(func) -> dict | None:
     """The knob values a replayed trace annotated, or None (no decision: untuned)."""
-    if not is_space(func):
-        return None
-    ann = _root(func).annotations
-    got = {k: int(ann[ANN_PREFIX + k]) for k in KNOBS if ANN_PREFIX + k in ann}
-    return got if len(got) == len(KNOBS) else None
+    return _cpu.knob_decisions(func, KNOBS) if is_space(func) else None
 
 
 def attention_space_rule(sch, block, force: dict | None = None):
     """MetaSchedule rule: sample ``block_q``, ``block_kv``, ``warp_rows``, ``num_stages``;
     annotate the root block.  ``force`` fixes the decisions (the default schedule)."""
     args = decode_args(sch.get(block).annotations[ARGS_KEY])
-    for knob, cands in knob_candidates(args).items():
-        idx = None if force is None else cands.index(int(force[knob]))
-        rv = sch.sample_categorical(cands, [1.0 / len(cands)] * len(cands), decision=idx)
-        sch.annotate(block, ANN_PREFIX + knob, rv)
-    return [sch]
+    return _cpu.sample_knobs(sch, block, knob_candidates(args), force)
 
 
 tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE_NAME}", attention_space_rule,
