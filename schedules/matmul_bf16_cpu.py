@@ -31,6 +31,7 @@ from tvm import s_tir, te, tirx
 from .bf16_intrin_cpu import (
     bf16_to_f32, f32_to_bf16_bits, register_bf16_dot_intrin, with_llvm_import,
 )
+from .register_tile_cpu import tensorize_tile, tile_registers
 
 __all__ = ["ATTR", "bf16_matmul_func", "bf16_matmul_reference", "pack_weight", "packed_shape",
            "round_bf16"]
@@ -114,16 +115,8 @@ def bf16_matmul_func(m, n: int, k: int, *, mr: int = 6, nb: int = 4) -> tirx.Pri
                          "accumulators exceeds 24 of the 32 zmm registers (it would spill); "
                          "lower mr or nb")
     sch = s_tir.Schedule(_compute(m, n, k, mr, nb))
-    blk = sch.get_sblock("C")
-    i, jo, ji, ko, ki = sch.get_loops(blk)
-    i0, i1 = sch.split(i, [None, mr])
-    j0, j1 = sch.split(jo, [None, nb])
-    sch.reorder(j0, i0, ko, i1, j1, ji, ki)
-    par = sch.fuse(j0, i0)
-    sch.parallel(par)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, par, preserve_unit_loops=True)
-    oi, oj = sch.get_loops(out)[-2:]
+    tile = tile_registers(sch, mr, nb)
+    oj = tile.out_loops[-1]
     if n % (16 * nb) == 0:
         sch.vectorize(sch.split(oj, [None, 16])[1])
     rnd = sch.get_sblock("x_bf16")
@@ -131,11 +124,7 @@ def bf16_matmul_func(m, n: int, k: int, *, mr: int = 6, nb: int = 4) -> tirx.Pri
     sch.parallel(ri)
     if k % 2 == 0:
         sch.vectorize(sch.split(rj, [None, 16])[1])
-    init = sch.decompose_reduction(blk, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, register_bf16_dot_intrin())
-    sch.unroll(i1)
-    sch.unroll(j1)
+    tensorize_tile(sch, tile, register_bf16_dot_intrin())
     func = with_llvm_import(sch.mod["main"])
     # op_pattern 8 (opaque): FuseOps must not merge an epilogue into this scheduled kernel.
     func = func.with_attr(ATTR, 1).with_attr("tirx.is_scheduled", 1)

@@ -27,6 +27,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
 
+from .register_tile_cpu import tensorize_tile, tile_registers
 from .vnni_intrin import register_vnni_intrin
 
 __all__ = [
@@ -142,26 +143,14 @@ def int8_matmul_func(m: int, n: int, k: int, *, dequant: bool = True, mr: int = 
         raise ValueError(f"register tile mr*nb*16 int32 = {mr * nb * 64} bytes exceeds 1 KB")
     func, padded_a, _ = _compute(m, n, k, mr, nb, dequant, per_row)
     sch = s_tir.Schedule(func)
-    blk = sch.get_sblock("C")
-    i, jo, ji, ko, ki = sch.get_loops(blk)
-    i0, i1 = sch.split(i, [None, mr])
-    j0, j1 = sch.split(jo, [None, nb])
-    sch.reorder(j0, i0, ko, i1, j1, ji, ki)
-    par = sch.fuse(j0, i0)
-    sch.parallel(par)
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, par, preserve_unit_loops=True)
-    oj = sch.get_loops(out)[-1]
+    tile = tile_registers(sch, mr, nb)
+    oj = tile.out_loops[-1]
     if n % (16 * nb) == 0 and m % mr == 0:
         sch.vectorize(sch.split(oj, [None, 16])[1])
     if padded_a:
         pad = sch.get_sblock("A_pad")
         sch.parallel(sch.get_loops(pad)[0])
-    init = sch.decompose_reduction(blk, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, register_vnni_intrin())
-    sch.unroll(i1)
-    sch.unroll(j1)
+    tensorize_tile(sch, tile, register_vnni_intrin())
     # op_pattern 8 (opaque): FuseOps must not merge an epilogue into this scheduled kernel
     # (FuseTIR then failed on BERT's bias add: "Inconsistent buffers ... mapped to the same
     # relax var"); LowerInt8Matmul folds constant biases into ``offset`` instead.
