@@ -85,6 +85,20 @@ def median_time(fn, repeats):
 
 
 # -- systems -----------------------------------------------------------------------------
+def ttft_and_decode(gen_fn, w) -> dict:
+    """``ttft_s`` per prompt length (one new token) and ``decode_tok_s`` at batch 1 and
+    MAX_BATCH (prompt 128: time of DECODE_NEW + 1 tokens minus time of 1), for one system's
+    ``gen_fn(ids, new_tokens) -> callable``."""
+    ttft = {str(n): median_time(gen_fn(prompts(n), 1), w["repeats"]) for n in w["ttft_prompts"]}
+    decode = {}
+    for b in (1, MAX_BATCH):
+        ids = prompts(128, b)
+        t1 = median_time(gen_fn(ids, 1), w["repeats"])
+        tn = median_time(gen_fn(ids, DECODE_NEW + 1), w["repeats"])
+        decode[str(b)] = b * DECODE_NEW / (tn - t1)
+    return {"ttft_s": ttft, "decode_tok_s": decode}
+
+
 def run_ours(w, precision: str = "float32"):
     import attnforge
 
@@ -113,14 +127,7 @@ def run_ours(w, precision: str = "float32"):
     def gen_fn(ids, new):
         return lambda: gen.generate(ids, new, eos_token_id=None)
 
-    res["ttft_s"] = {str(n): median_time(gen_fn(prompts(n), 1), w["repeats"])
-                     for n in w["ttft_prompts"]}
-    res["decode_tok_s"] = {}
-    for b in (1, MAX_BATCH):
-        ids = prompts(128, b)
-        t1 = median_time(gen_fn(ids, 1), w["repeats"])
-        tn = median_time(gen_fn(ids, DECODE_NEW + 1), w["repeats"])
-        res["decode_tok_s"][str(b)] = b * DECODE_NEW / (tn - t1)
+    res.update(ttft_and_decode(gen_fn, w))
     if not serve:
         return res
     reqs = [(prompts(n, 1, seed=100 + i)[0].tolist(), new)
@@ -169,14 +176,7 @@ def run_hf(w, static_compile: bool):
             gen_fn(prompts(128, b), 3)()
     res["warmup_s"] = time.perf_counter() - t0
     with torch.no_grad():
-        res["ttft_s"] = {str(n): median_time(gen_fn(prompts(n), 1), w["repeats"])
-                         for n in w["ttft_prompts"]}
-        res["decode_tok_s"] = {}
-        for b in (1, MAX_BATCH):
-            ids = prompts(128, b)
-            t1 = median_time(gen_fn(ids, 1), w["repeats"])
-            tn = median_time(gen_fn(ids, DECODE_NEW + 1), w["repeats"])
-            res["decode_tok_s"][str(b)] = b * DECODE_NEW / (tn - t1)
+        res.update(ttft_and_decode(gen_fn, w))
         if not static_compile:
             t0 = time.perf_counter()
             for i, (n, new) in enumerate(w["requests"]):
