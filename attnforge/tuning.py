@@ -243,7 +243,6 @@ def tune(model, example_inputs, target="llvm", *, trials: int, work_dir=None,
             status = "complete"
         else:
             cb, bar, _ = make_progress(remaining, names, progress, callbacks, state)
-            quiet_tvm_console(before=True)
             # extracted_tasks_to_tune_contexts, with our design space for attention kernels
             contexts, weights = tune_contexts(tasks, str(wdir), seed=seed)
             quiet_tvm_console()

@@ -214,7 +214,9 @@ def tune_contexts(tasks, work_dir: str, seed=None):
 
     from .tuning_progress import quiet_tvm_console
 
-    quiet_tvm_console()  # an unnamed handler (left by a caller) breaks MetaSchedule's dictConfig
+    # MetaSchedule's logger setup: its console handler at WARNING; an unnamed handler (left by
+    # an earlier caller) would break its dictConfig
+    quiet_tvm_console(before=True)
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in tasks])
     for task, logger, rand in zip(tasks, loggers, fork_seed(seed, n=len(tasks))):
